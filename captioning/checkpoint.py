@@ -1,0 +1,112 @@
+"""One-file checkpoints: everything needed to caption, plus what training needs to resume.
+
+A checkpoint is a dict of tensors and plain Python values only, so it loads with
+`torch.load(weights_only=True)`: a file from elsewhere can never run code on the user's machine.
+It is written to a temporary file and renamed, so a crash or a full disk leaves the previous one intact.
+Beside each checkpoint a small JSON summary lets the menu show the model without importing torch.
+"""
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+from .utils import CaptioningError, atomic_write_json, temp_path_for
+
+FORMAT = "image-captioning"
+VERSION = 1
+BUILTIN = Path(__file__).parent / "assets" / "default_model.pt"
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic torch.save, then the summary beside it."""
+    import torch
+    ckpt = {"format": FORMAT, "version": VERSION, **ckpt}
+    tmp = temp_path_for(path)
+    try:
+        torch.save(ckpt, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_write_json(Path(path).with_suffix(".json"), summarize(ckpt))
+    return Path(path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and validate a checkpoint; every way a file can be wrong becomes one clear sentence."""
+    import torch
+    path = Path(path)
+    if not path.exists():
+        raise CaptioningError(f"Model file not found: {path}")
+    if path.is_dir():
+        raise CaptioningError(f"Expected a model file (.pt) but got a folder: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise CaptioningError(f"No permission to read model file: {path}") from None
+    except pickle.UnpicklingError:
+        # weights_only refuses any object that is not a tensor or plain value: a pickle with code in it.
+        raise CaptioningError(f"Refusing to load {path}: it is not a plain checkpoint (it may contain code).") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CaptioningError(f"Model file {path} is corrupt or truncated ({str(e).splitlines()[0][:80]}).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CaptioningError(f"{path} is not an image-captioning checkpoint.")
+    if ckpt.get("version") != VERSION:
+        raise CaptioningError(f"{path} was written by another version of this tool (format {ckpt.get('version')},"
+                              f" this tool reads {VERSION}); retrain it with this version.")
+    for key in ("decoder_state", "vocab", "model_config", "encoder"):
+        if key not in ckpt:
+            raise CaptioningError(f"{path} is incomplete: it has no '{key}'.")
+    return ckpt
+
+
+def models_dir(workdir):
+    return Path(workdir) / "models"
+
+
+def find_model(workdir=".", model=None):
+    """Which checkpoint to use: an explicit path, 'default' for the built-in one, else the workdir's best,
+    else its last, else the built-in model when the package ships one."""
+    if model == "default":
+        if not BUILTIN.exists():
+            raise CaptioningError("This installation has no built-in model; train one with "
+                                  "'python image_captioning.py train --data DIR'.")
+        return BUILTIN
+    if model:
+        return Path(os.path.expanduser(str(model)))
+    for name in ("best.pt", "last.pt"):
+        candidate = models_dir(workdir) / name
+        if candidate.exists():
+            return candidate
+    if BUILTIN.exists():
+        return BUILTIN
+    raise CaptioningError(f"No trained model in {models_dir(workdir)}; train one first with "
+                          "'python image_captioning.py train --data DIR' (or try 'demo').")
+
+
+def summarize(ckpt):
+    """The few facts a person wants to see about a model."""
+    cfg, enc = ckpt["model_config"], ckpt["encoder"]
+    last = (ckpt.get("history") or [{}])[-1]
+    return {"decoder": cfg["decoder"], "encoder": enc["name"], "vocab_size": len(ckpt["vocab"]),
+            "epoch": ckpt.get("epoch", 0), "best_metric": ckpt.get("best_metric", "CIDEr-D"),
+            "best_score": ckpt.get("best_score"), "val_loss": last.get("val_loss")}
+
+
+def read_summary(path):
+    """The JSON summary beside a checkpoint, or None (no torch import: the menu calls this)."""
+    try:
+        return json.loads(Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def describe(summary):
+    """One line on what a model is, for the menu and messages."""
+    best = summary.get("best_score")
+    score = f", best dev {summary.get('best_metric')} {best:.3f}" if isinstance(best, (int, float)) else ""
+    return (f"{summary['decoder']} decoder on {summary['encoder']}, vocabulary {summary['vocab_size']:,} words, "
+            f"{summary.get('epoch', 0)} epoch(s){score}")

@@ -1,0 +1,235 @@
+"""Command-line subcommands. Each parses its options and calls one pipeline stage.
+
+torch is imported only inside the commands, so `--help` and the menu answer at once.
+Exit codes: 0 success, 2 usage error (argparse), 1 any other failure — with one line on stderr.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from rich.markup import escape
+
+from .utils import CaptioningError, clean_user_path, collect_images, console
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    if value > 1_000_000:
+        raise argparse.ArgumentTypeError(f"{value} is too large")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got '{text}'")
+    return value
+
+
+def common_options():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to run (default: CUDA or MPS when present, else CPU)")
+    common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    common.add_argument("--workdir", default=".", help="where models/ and cache/ live (default: current folder)")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks (for bug reports)")
+    return common
+
+
+def encoder_options(p, default="resnet50"):
+    p.add_argument("--encoder", default=default, help=f"torchvision backbone (default {default}; e.g. resnet18, "
+                   "resnet34, resnet101, resnet152, mobilenet_v2, efficientnet_b0)")
+    p.add_argument("--encoder-weights", metavar="PATH", help="a local weights file instead of torchvision's download")
+    p.add_argument("--extract-batch-size", type=positive_int, help="images per encoder batch (default: auto)")
+    p.add_argument("--workers", type=int, help="image-decoding worker processes (default: auto)")
+
+
+def search_options(p):
+    p.add_argument("--beam-size", type=positive_int, default=3, help="beam width (default 3; 1 = greedy)")
+    p.add_argument("--max-len", type=positive_int, default=20, help="longest caption in words (default 20)")
+
+
+def build_parser():
+    common = common_options()
+    parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common],
+                                     description="Caption photos with a CNN encoder and an LSTM decoder. "
+                                                 "Run with no command for the menu.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("download", parents=[common], help="download a captioning dataset from Kaggle")
+    p.add_argument("--dataset", default="mini-coco", choices=["mini-coco", "flickr8k"])
+    p.add_argument("--force", action="store_true", help="download again even when cached")
+
+    p = sub.add_parser("extract", parents=[common], help="compute and cache image features for a dataset")
+    p.add_argument("--data", required=True, help="dataset folder")
+    encoder_options(p)
+    p.add_argument("--batch-size", type=positive_int, dest="extract_batch_size", help="same as --extract-batch-size")
+
+    p = sub.add_parser("train", parents=[common], help="train a caption decoder (extracts features first)")
+    p.add_argument("--data", required=True, help="dataset folder")
+    encoder_options(p)
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--decoder", default="lstm", choices=["lstm", "attention"])
+    p.add_argument("--resume", action="store_true", help="continue from models/last.pt")
+    p.add_argument("--lr", type=positive_float, default=4e-4, help="learning rate (default 4e-4)")
+    p.add_argument("--embed-dim", type=positive_int, default=256)
+    p.add_argument("--hidden-dim", type=positive_int, default=512)
+    p.add_argument("--attention-dim", type=positive_int, default=512)
+    p.add_argument("--dropout", type=fraction, default=0.5)
+    p.add_argument("--label-smoothing", type=fraction, default=0.0)
+    p.add_argument("--min-count", type=positive_int, default=5, help="rarer words become <unk> (default 5)")
+    p.add_argument("--patience", type=positive_int, default=4, help="stop after this many epochs without "
+                   "a better dev CIDEr-D (default 4)")
+
+    p = sub.add_parser("caption", parents=[common], help="caption images (files or folders)")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--model", help="checkpoint path, or 'default' for the built-in model "
+                   "(default: models/best.pt in the workdir)")
+    search_options(p)
+    p.add_argument("--num-captions", type=positive_int, default=1, help="the N best distinct captions")
+    p.add_argument("--output", help="PNG path for one image (default captioned_image.png); a folder for several")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
+    p.add_argument("--attention", action="store_true", help="also draw where the model looked, word by word")
+
+    p = sub.add_parser("evaluate", parents=[common], help="score a model on a dataset split")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--model", help="checkpoint path or 'default' (default: models/best.pt)")
+    search_options(p)
+    p.add_argument("--output", help="where to write the JSON report (default models/eval_<split>.json)")
+
+    p = sub.add_parser("demo", parents=[common], help="offline demo on generated shapes (about two minutes)")
+    p.add_argument("--images", type=positive_int, default=600, help="images to generate (default 600)")
+    p.add_argument("--epochs", type=positive_int, default=8)
+    return parser
+
+
+def cmd_download(args):
+    from .datasets import download_dataset
+    path = download_dataset(args.dataset, force=args.force)
+    console.print(f"Dataset ready in: {path}")
+    print(path)
+
+
+def _extract_config(args):
+    from .features import ExtractConfig
+    return ExtractConfig(batch_size=args.extract_batch_size, num_workers=args.workers, device=args.device)
+
+
+def _spec(args):
+    from .encoders import EncoderSpec
+    weights = str(clean_user_path(args.encoder_weights)) if args.encoder_weights else None
+    return EncoderSpec(name=args.encoder, weights="DEFAULT", weights_path=weights)
+
+
+def cmd_extract(args):
+    from .train import prepare
+    _, records, store = prepare(clean_user_path(args.data), args.workdir, _spec(args), _extract_config(args))
+    console.print(f"Features for {len(store.paths):,} images in {store.folder}")
+
+
+def cmd_train(args):
+    from .models import ModelConfig
+    from .train import TrainConfig, train
+    model = ModelConfig(decoder=args.decoder, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
+                        attention_dim=args.attention_dim, dropout=args.dropout)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
+                      min_count=args.min_count, patience=args.patience, seed=args.seed, model=model)
+    best = train(clean_user_path(args.data), args.workdir, cfg, _spec(args), _extract_config(args), resume=args.resume)
+    if best:
+        console.print(f"Best model: {best}")
+
+
+def cmd_caption(args):
+    # Check the cheap things (images, model file) before the seconds-long torch import.
+    from .checkpoint import find_model
+    inputs = [clean_user_path(i) for i in args.images]
+    paths = collect_images(inputs)
+    find_model(args.workdir, args.model)
+    from .captioner import Captioner, caption_files
+    from .search import SearchConfig
+    captioner = Captioner.load(args.model, args.workdir, args.device)
+    cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions)
+    results = caption_files(captioner, inputs, cfg, args.output, args.attention, paths=paths)
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
+        return
+    for r in results:
+        console.print(f"[bold]{r.image}[/]")
+        for i, c in enumerate(r.captions, 1):
+            console.print(f"  {i}. {c}" if len(r.captions) > 1 else f"  {c}", markup=False)
+        console.print(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else ""), markup=False)
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate_model
+    from .search import SearchConfig
+    evaluate_model(clean_user_path(args.data), args.split, args.model, args.workdir,
+                   SearchConfig(beam_size=args.beam_size, max_len=args.max_len), args.device, args.output)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.workdir, n_images=args.images, epochs=args.epochs, device=args.device, seed=args.seed)
+
+
+COMMANDS = {"download": cmd_download, "extract": cmd_extract, "train": cmd_train, "caption": cmd_caption,
+            "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def run_guarded(fn, debug=False):
+    """Run `fn`; turn any failure into one line on stderr and an exit code (1). Returns the code."""
+    try:
+        fn()
+        return 0
+    except CaptioningError as e:
+        if debug:
+            console.print_exception()
+        console.print(f"[red]error:[/] {escape(str(e))}")
+    except KeyboardInterrupt:
+        console.print("Interrupted.")
+    except MemoryError:
+        console.print("[red]error:[/] out of memory; try a smaller --batch-size.")
+    except Exception as e:  # never a bare traceback: one line, and --debug for the rest
+        if debug:
+            console.print_exception()
+        name = type(e).__name__
+        if "OutOfMemoryError" in name or "out of memory" in str(e):
+            console.print("[red]error:[/] the GPU ran out of memory; try a smaller --batch-size.")
+        else:
+            first = (str(e).splitlines() or [""])[0][:200]
+            console.print(f"[red]error:[/] unexpected {name}: {escape(first)} (run with --debug for the details)")
+    return 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # DataLoader workers too
+    if args.command is None:
+        from .menu import run_menu
+        return run_guarded(lambda: run_menu(args), args.debug)
+    return run_guarded(lambda: COMMANDS[args.command](args), args.debug)

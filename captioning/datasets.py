@@ -1,0 +1,376 @@
+"""Captioning datasets on disk: download from Kaggle, detect the layout, load records, split by image.
+
+Every layout is reduced to the same thing: a sorted list of Records (image path, raw captions, split).
+The layout is detected from the files present, so a user never has to say which dataset they have:
+
+    mini-coco   captions.json (flat [{image_id, caption}] or a COCO dict) + Images/COCO_train2014_{id:012d}.jpg
+    flickr8k    captions.txt (CSV: image,caption) + Images/, optional splits/Flickr_8k.{train,dev,test}Images.txt
+    karpathy    dataset_*.json ({"images": [{filename, filepath?, split, sentences}]}), restval counts as train
+    coco        captions_*.json (official COCO captions) + images in Images/, train2014/ ... or beside it
+
+No torch here: the CLI imports this module for --help and the menu, which must start instantly.
+"""
+import csv
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from captioning.utils import CaptioningError, console
+
+SPLITS = ("train", "val", "test")
+LAYOUTS = {
+    "mini-coco": "captions.json + Images/",
+    "flickr8k": "captions.txt + Images/",
+    "karpathy": "dataset_*.json",
+    "coco": "captions_*.json (official COCO captions)",
+}
+HANDLES = {
+    "mini-coco": "nagasai524/mini-coco2014-dataset-for-image-captioning",
+    "flickr8k": "adityajn105/flickr8k",
+}
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                      "test": "Flickr_8k.testImages.txt"}
+
+
+@dataclass
+class Record:
+    image: Path          # absolute path of the image file
+    captions: list[str]  # raw caption text, stripped, never empty
+    split: str           # "train" | "val" | "test"
+
+
+@dataclass
+class Dataset:
+    root: Path             # the folder the dataset was found in (may be one level below what the user gave)
+    layout: str            # one of LAYOUTS
+    records: list[Record]  # sorted by image path
+    missing: int = 0       # images listed in the annotations but not on disk (skipped)
+    unsplit: int = 0       # images left out because official split files exist and do not list them
+
+    def split(self, name):
+        name = {"dev": "val"}.get(name, name)
+        if name not in SPLITS:
+            raise CaptioningError(f"Unknown split '{name}': choose one of {', '.join(SPLITS)}.")
+        return [r for r in self.records if r.split == name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading annotation files, with errors that name the file and line
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CaptioningError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaptioningError(f"Could not read {path}: {e}.") from None
+
+
+def _read_flickr_csv(path):
+    """{image file name: [captions]} from a captions.txt with header `image,caption` and quoted fields."""
+    captions = defaultdict(list)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, strict=True)  # strict: an unterminated quote is an error, not a silent merge
+            header = next(reader, None)
+            if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
+                raise CaptioningError(f"{path} line 1: expected the header 'image,caption', found {header!r}.")
+            for row in reader:
+                if not row or not any(row):
+                    continue
+                if len(row) < 2:
+                    raise CaptioningError(f"{path} line {reader.line_num}: expected 'image,caption', "
+                                          f"found {','.join(row)!r}.")
+                # An unquoted caption with commas splits into more fields; everything after the image is caption.
+                captions[row[0].strip()].append(",".join(row[1:]))
+    except csv.Error as e:
+        raise CaptioningError(f"{path} line {reader.line_num}: malformed CSV ({e}).") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaptioningError(f"Could not read {path}: {e}.") from None
+    return captions
+
+
+def _entries(path, data, key, fields):
+    """data[key] (or data itself when key is None) as a list of dicts having `fields`, else a clear error."""
+    items = data if key is None else data.get(key)
+    if not isinstance(items, list):
+        raise CaptioningError(f"{path}: expected a list under '{key}'." if key else f"{path}: expected a list.")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or any(k not in item for k in fields):
+            where = f"'{key}' entry {i}" if key else f"entry {i}"
+            raise CaptioningError(f"{path}: {where} lacks {' / '.join(fields)}: {str(item)[:80]}")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# each layout parses into (entries, split_of) where entries = [(candidate relative paths, [captions], split|None)]
+
+def _parse_coco_dict(path, data, default_name):
+    """Official COCO captions dict: images {id, file_name} + annotations {image_id, caption}."""
+    names = {img["id"]: img["file_name"] for img in _entries(path, data, "images", ["id", "file_name"])}
+    caps = defaultdict(list)
+    for ann in _entries(path, data, "annotations", ["image_id", "caption"]):
+        caps[ann["image_id"]].append(ann["caption"])
+    return [((names.get(i) or default_name(i),), c, None) for i, c in caps.items()]
+
+
+def _coco_name(image_id):
+    return f"COCO_train2014_{int(image_id):012d}.jpg" if str(image_id).isdigit() else str(image_id)
+
+
+def _parse_mini_coco(path, data):
+    if isinstance(data, dict) and "annotations" in data:
+        return _parse_coco_dict(path, data, _coco_name)
+    if isinstance(data, dict) and "images" in data:  # a Karpathy file saved as captions.json
+        return _parse_karpathy(path, data)
+    caps = defaultdict(list)
+    for i, item in enumerate(_entries(path, data, None, ["image_id", "caption"])):
+        if not str(item["image_id"]).isdigit():
+            raise CaptioningError(f"{path}: entry {i} has image_id {item['image_id']!r}, expected a number.")
+        caps[int(item["image_id"])].append(item["caption"])
+    return [((_coco_name(i),), c, None) for i, c in caps.items()]
+
+
+def _parse_karpathy(path, data):
+    out = []
+    for img in _entries(path, data, "images", ["filename", "sentences"]):
+        raw = img.get("split")
+        if raw is not None and raw not in KARPATHY_SPLITS:
+            raise CaptioningError(f"{path}: image {img['filename']} has unknown split '{raw}' "
+                                  f"(expected one of {', '.join(KARPATHY_SPLITS)}).")
+        caps = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img["sentences"] if isinstance(s, dict)]
+        # COCO's Karpathy file says filepath "val2014"; also accept all images flat in one folder.
+        names = (f"{img['filepath']}/{img['filename']}", img["filename"]) if img.get("filepath") else (img["filename"],)
+        out.append((names, caps, KARPATHY_SPLITS.get(raw)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layout detection
+
+def _layout_of(name):
+    """The layout an annotation file name belongs to, or None."""
+    if name == "captions.json":
+        return "mini-coco"
+    if name == "captions.txt":
+        return "flickr8k"
+    if name.startswith("dataset_") and name.endswith(".json"):
+        return "karpathy"
+    if name.startswith("captions_") and name.endswith(".json"):
+        return "coco"
+    return None
+
+
+def _detect(folder):
+    """(layout, annotation files) for a folder, or None. Cheap: looks at file names only.
+    The order decides when several are present: the named single-file layouts first."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return None
+    if os.path.isdir(folder / "annotations"):  # official COCO keeps captions_*.json in annotations/
+        names += sorted(f"annotations/{n}" for n in os.listdir(folder / "annotations") if _layout_of(n) == "coco")
+    for layout in LAYOUTS:
+        files = [folder / n for n in names if _layout_of(Path(n).name) == layout]
+        if files:
+            return layout, files
+    return None
+
+
+def _find(root):
+    """Detect the layout in root, else in exactly one folder one level down (kagglehub downloads often nest)."""
+    found = _detect(root)
+    if found:
+        return root, found
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    hits = [(d, f) for d in subdirs if (f := _detect(d))]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise CaptioningError(f"{root} holds several datasets ({', '.join(d.name for d, _ in hits)}): "
+                              f"point at one of them.")
+    known = "; ".join(f"{k} ({v})" for k, v in LAYOUTS.items())
+    raise CaptioningError(f"No captioning dataset found in {root}. Known layouts: {known}.")
+
+
+class _ImageIndex:
+    """Finds image files by listing each directory once: a set lookup per image, no stat or PIL per image."""
+
+    def __init__(self, bases):
+        self.bases = [b for b in dict.fromkeys(bases) if b.is_dir()]
+        self.listings = {}
+
+    def _names(self, folder):
+        if folder not in self.listings:
+            try:
+                self.listings[folder] = set(os.listdir(folder))
+            except OSError:
+                self.listings[folder] = set()
+        return self.listings[folder]
+
+    def find(self, candidates):
+        for base in self.bases:
+            for rel in candidates:
+                path = base / rel
+                if path.name in self._names(path.parent):
+                    return path
+        return None
+
+
+def _hash_split(names):
+    """Deterministic split by a hash of the file name: ~90/5/5, with val and test never empty from 3 images up.
+
+    Hashing the name (not the position in a list) keeps an image's split stable when the dataset grows."""
+    key = {n: int(hashlib.sha1(n.encode("utf-8")).hexdigest()[:12], 16) / 16 ** 12 for n in names}
+    split = {n: "train" if key[n] < 0.90 else "val" if key[n] < 0.95 else "test" for n in names}
+    if len(names) >= 3:
+        for need in ("val", "test", "train"):
+            if need not in split.values():
+                counts = {s: sum(v == s for v in split.values()) for s in SPLITS}
+                donor = max(SPLITS, key=lambda s: counts[s])  # ties resolve in SPLITS order
+                split[max((n for n in names if split[n] == donor), key=lambda n: (key[n], n))] = need
+    return split
+
+
+def _read_split_files(folders):
+    """{file name: split} from Flickr_8k.{train,dev,test}Images.txt, when all three sit in one of `folders`."""
+    for folder in folders:
+        paths = {s: folder / f for s, f in FLICKR_SPLIT_FILES.items()}
+        if all(p.is_file() for p in paths.values()):
+            split = {}
+            for s, p in paths.items():
+                for line in p.read_text(encoding="utf-8-sig").splitlines():
+                    if line.strip():
+                        split[line.strip()] = s
+            return split
+    return None
+
+
+def load_dataset(root):
+    """Load any known captioning dataset under `root` (a folder, or the annotation file itself)."""
+    given = Path(os.path.abspath(os.path.expanduser(str(root))))
+    if not given.exists():
+        raise CaptioningError(f"Dataset folder {given} does not exist.")
+    if given.is_file():  # the annotation file itself
+        layout = _layout_of(given.name)
+        if layout is None:
+            raise CaptioningError(f"{given} is not an annotation file of a known layout ({', '.join(LAYOUTS)}).")
+        folder = given.parent.parent if given.parent.name == "annotations" else given.parent
+        files = [given]
+    else:
+        folder, (layout, files) = _find(given)
+
+    entries, bases = [], [folder / "Images", folder / "images"]
+    for path in files:
+        if layout == "flickr8k":
+            entries += [((name,), caps, None) for name, caps in _read_flickr_csv(path).items()]
+        elif layout == "mini-coco":
+            data = _read_json(path)
+            if isinstance(data, dict) and "images" in data and "annotations" not in data:
+                layout = "karpathy"
+            entries += _parse_mini_coco(path, data)
+        elif layout == "karpathy":
+            entries += _parse_karpathy(path, _read_json(path))
+        else:
+            data = _read_json(path)
+            if not isinstance(data, dict):
+                raise CaptioningError(f"{path}: expected a COCO captions dict with 'images' and 'annotations'.")
+            entries += _parse_coco_dict(path, data, _coco_name)
+            # captions_train2014.json → images in train2014/ (official layout)
+            bases.append(folder / path.stem.removeprefix("captions_"))
+    bases.append(folder)
+
+    # Group by image (a name may appear in several files), strip captions and drop empty ones.
+    grouped = {}
+    for names, caps, split in entries:
+        caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+        if not caps:
+            continue
+        if names in grouped:
+            grouped[names][0].extend(caps)
+        else:
+            grouped[names] = (caps, split)
+
+    index, missing, found = _ImageIndex(bases), 0, []
+    for names, (caps, split) in grouped.items():
+        path = index.find(names)
+        if path is None:
+            missing += 1
+        else:
+            found.append((path, caps, split))
+    if not found:
+        where = f"; {missing} images listed but none found under {folder}" if missing else ""
+        raise CaptioningError(f"No captioned images in {', '.join(str(p) for p in files)}{where}.")
+
+    # Splits: the dataset's own (Karpathy), else official split files (Flickr8k), else a hash of the file name.
+    unsplit = 0
+    official = _read_split_files([folder, folder / "splits", given, given / "splits"]) if layout == "flickr8k" else None
+    if official is not None:
+        kept = [(p, c, official[p.name]) for p, c, _ in found if p.name in official]
+        unsplit, found = len(found) - len(kept), kept
+    if any(s is None for _, _, s in found):
+        hashed = _hash_split(sorted({p.name for p, _, s in found if s is None}))
+        found = [(p, c, s or hashed[p.name]) for p, c, s in found]
+
+    records = sorted((Record(p, c, s) for p, c, s in found), key=lambda r: str(r.image))
+    if not records:
+        raise CaptioningError(f"No images of {folder} are listed in its split files.")
+    return Dataset(root=folder, layout=layout, records=records, missing=missing, unsplit=unsplit)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# download
+
+def download_dataset(name="mini-coco", force=False):
+    """Download (or reuse from kagglehub's cache) a dataset from Kaggle; returns its folder, checked to load."""
+    if name not in HANDLES:
+        raise CaptioningError(f"Unknown dataset '{name}': choose one of {', '.join(HANDLES)}.")
+    handle = HANDLES[name]
+    import kagglehub  # lazy: it pulls in requests and more, which the menu's first screen doesn't need
+    import requests
+    from kagglehub.exceptions import KaggleApiHTTPError
+
+    try:
+        try:
+            path = kagglehub.dataset_download(handle, force_download=force)
+        except requests.exceptions.ConnectionError:
+            # An unversioned handle asks the API for the latest version even when the data is cached;
+            # offline, a versioned handle is served from the cache. Fall back to the newest cached version.
+            path = _cached_download(kagglehub, handle) if not force else None
+            if path is None:
+                raise
+            console.print(f"[yellow]Kaggle is unreachable; using the cached copy in {path}.[/]")
+    except requests.exceptions.ConnectionError:
+        raise CaptioningError(f"Could not reach Kaggle to download {handle}: check your internet connection.") from None
+    except KaggleApiHTTPError as e:
+        status = getattr(e.response, "status_code", None) or "unknown"
+        raise CaptioningError(f"Kaggle refused the download of {handle} (HTTP status {status}).") from None
+    except Exception as e:  # kagglehub raises many kinds (disk full, bad archive, ...): keep the message to one line
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise CaptioningError(f"Downloading {handle} from Kaggle failed: {type(e).__name__}: {detail}") from None
+
+    path = Path(path)
+    try:
+        load_dataset(path)
+    except CaptioningError as e:
+        raise CaptioningError(f"The download in {path} is incomplete or not a dataset ({e}) "
+                              f"Run the download again with --force.") from None
+    return path
+
+
+def _cached_download(kagglehub, handle):
+    """The newest version of `handle` that kagglehub's cache can serve without the network, or None."""
+    cache = Path(os.environ.get("KAGGLEHUB_CACHE", Path.home() / ".cache" / "kagglehub"))
+    versions = cache / "datasets" / handle / "versions"
+    numbers = sorted((int(p.name) for p in versions.glob("*") if p.is_dir() and p.name.isdigit()), reverse=True)
+    for n in numbers:
+        try:
+            return kagglehub.dataset_download(f"{handle}/versions/{n}")
+        except Exception:
+            continue
+    return None

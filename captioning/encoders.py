@@ -1,0 +1,144 @@
+"""Frozen torchvision CNNs as image encoders: by name, with their weights' own preprocessing.
+
+An encoder maps a batch of images to a spatial grid of features [B, C, h, w] (7x7 for 224x224 inputs).
+The Show-and-Tell decoder uses the grid's mean (what the classifier's global pool computes); the
+attention decoder looks at every cell.
+"""
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
+from torch import nn
+
+from .utils import CaptioningError
+
+# Photos larger than this many pixels are refused (Pillow's decompression-bomb guard raises above 2x).
+Image.MAX_IMAGE_PIXELS = 64_000_000
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SUGGESTED = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2",
+             "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_800mf"]
+
+
+@dataclass
+class EncoderSpec:
+    """What a checkpoint records so the same encoder can be rebuilt at caption time."""
+    name: str = "resnet50"
+    weights: str | None = "DEFAULT"  # a torchvision weights tag, or None for random init (demo, tests)
+    seed: int = 0                    # random init is made reproducible by this seed
+    weights_path: str | None = None  # a local state-dict file instead of torchvision's download
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def resolve_weights(name, tag):
+    """The torchvision weights enum member for `name`; `tag` 'DEFAULT' picks the recommended one."""
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        known = ", ".join(SUGGESTED)
+        raise CaptioningError(f"Unknown encoder '{name}'; try one of: {known}.") from None
+    return enum.DEFAULT if tag in (None, "DEFAULT") else enum[tag]
+
+
+def _trunk(model, name):
+    """The convolutional part of a classifier: everything before global pooling."""
+    if hasattr(model, "fc") and hasattr(model, "avgpool"):            # resnet, resnext, wide_resnet, regnet
+        layers = [m for n, m in model.named_children() if n not in ("avgpool", "fc", "dropout")]
+        return nn.Sequential(*layers)
+    if hasattr(model, "features"):                                     # mobilenet, efficientnet, convnext, vgg
+        if name.startswith("densenet"):                               # densenet applies its last ReLU in forward
+            return nn.Sequential(model.features, nn.ReLU())
+        return model.features
+    raise CaptioningError(f"Encoder '{name}' is not supported: it has no convolutional trunk to take features from.")
+
+
+def _download_hint(name):
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (f"Could not fetch the pretrained weights for '{name}' (no internet?). Put the weights file in "
+            f"{cache} (or set TORCH_HOME to a folder with hub/checkpoints/ holding it), "
+            f"or pass --encoder-weights PATH.")
+
+
+def build_encoder(spec: EncoderSpec):
+    """Build the frozen trunk and its preprocessing transform. Returns (module in eval mode, transform)."""
+    weights = resolve_weights(spec.name, spec.weights)
+    transform = weights.transforms()  # the right resize/crop/normalisation even for random init
+    load_pretrained = spec.weights is not None and spec.weights_path is None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)  # random-init encoders come out identical at train and caption time
+        try:
+            model = torchvision.models.get_model(spec.name, weights=weights if load_pretrained else None)
+        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; a bad cached file a RuntimeError
+            if load_pretrained and ("urlopen" in str(e) or isinstance(e, OSError) or "hash" in str(e)):
+                raise CaptioningError(_download_hint(spec.name)) from e
+            raise
+    if spec.weights_path:
+        try:
+            state = torch.load(os.path.expanduser(spec.weights_path), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except FileNotFoundError:
+            raise CaptioningError(f"Encoder weights file not found: {spec.weights_path}") from None
+        except Exception as e:
+            raise CaptioningError(f"Could not load encoder weights from {spec.weights_path}: "
+                                  f"{str(e).splitlines()[0]}") from None
+    trunk = _trunk(model, spec.name).eval()
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    return trunk, transform
+
+
+def load_image(path, draft_size=None):
+    """Open any image a person may have: upright (EXIF), RGB, first frame of animations.
+
+    `draft_size` lets the JPEG decoder skip detail we resize away anyway (2-4x faster on big photos)."""
+    path = Path(path)
+    if not path.exists():
+        raise CaptioningError(f"Image not found: {path}")
+    if path.is_dir():
+        raise CaptioningError(f"Expected an image file but got a folder: {path}")
+    if path.stat().st_size == 0:
+        raise CaptioningError(f"Image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as img:
+            if getattr(img, "is_animated", False):
+                img = next(iter(ImageSequence.Iterator(img)))
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except PermissionError:
+        raise CaptioningError(f"No permission to read image: {path}") from None
+    except Image.DecompressionBombError:
+        raise CaptioningError(f"Image is too large to decode safely: {path}") from None
+    except UnidentifiedImageError:
+        raise CaptioningError(f"Not an image file (or a format Pillow cannot read): {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CaptioningError(f"Could not read image {path}: {str(e).splitlines()[0]}") from None
+
+
+def to_rgb(img):
+    """RGB with transparency flattened onto white; handles palette, 16-bit, CMYK and grayscale images."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Scale by the image's own range: 16-bit PNGs rarely use all 65535 levels.
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max()) or 1.0
+        img = Image.fromarray(np.clip(arr / top * 255, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def draft_size_for(transform):
+    """The smallest decode size the transform can use without losing detail."""
+    size = getattr(transform, "resize_size", None) or [256]
+    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)

@@ -1,0 +1,229 @@
+"""The interactive menu: a title panel, the model's status, numbered options, prompts with defaults.
+
+Every option returns to the menu. A bad answer is re-asked; a failure is one sentence; Ctrl-C at a
+prompt or during work comes back here; Ctrl-C or end of input at the menu itself quits.
+The first screen imports no torch, so it appears at once.
+"""
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from .checkpoint import describe, find_model, read_summary
+from .utils import CaptioningError, atomic_write_json, clean_user_path
+
+out = Console(highlight=False)
+
+OPTIONS = [("1", "Download a dataset (Kaggle) or choose a local one"), ("2", "Extract image features"),
+           ("3", "Train a caption model"), ("4", "Caption images"), ("5", "Evaluate the model"),
+           ("6", "Quick demo (offline, about two minutes)"), ("7", "Quit")]
+
+
+class Back(Exception):
+    """The user cancelled this option (empty answer where nothing is the default)."""
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+def ask(prompt, default=None):
+    hint = f" [dim]\\[{escape(str(default))}][/]" if default not in (None, "") else ""
+    answer = out.input(f"{prompt}{hint}: ").strip()
+    return answer if answer else ("" if default is None else str(default))
+
+
+def ask_int(prompt, default, lo=1, hi=100_000):
+    while True:
+        answer = ask(prompt, default)
+        try:
+            value = int(answer)
+        except ValueError:
+            out.print(f"[red]Please type a whole number from {lo} to {hi:,}.[/]")
+            continue
+        if lo <= value <= hi:
+            return value
+        out.print(f"[red]{value} is out of range: type a number from {lo} to {hi:,}.[/]")
+
+
+def ask_choice(prompt, choices, default):
+    while True:
+        answer = ask(f"{prompt} ({'/'.join(choices)})", default).lower()
+        if answer in choices:
+            return answer
+        out.print(f"[red]Please type one of: {', '.join(choices)}.[/]")
+
+
+def ask_path(prompt, default=None, want="any"):
+    """A path typed or dragged in (quotes, spaces, ~ are fine). Empty answer with no default: back."""
+    while True:
+        answer = ask(prompt + " (Enter to go back)" if default is None else prompt, default)
+        if not answer:
+            raise Back()
+        path = clean_user_path(answer)
+        if not path.exists():
+            out.print(f"[red]Not found: {escape(str(path))}[/]")
+        elif want == "dir" and not path.is_dir():
+            out.print(f"[red]That is a file; please give a folder: {escape(str(path))}[/]")
+        else:
+            return path
+
+
+# --- state -------------------------------------------------------------------------------------------
+
+class MenuState:
+    """What the menu remembers between runs: the dataset folder last used (in <workdir>/cache/menu.json)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.file = Path(args.workdir) / "cache" / "menu.json"
+        try:
+            self.data = json.loads(self.file.read_text()).get("data")
+        except (OSError, ValueError):
+            self.data = None
+
+    def remember(self, data):
+        self.data = str(data)
+        try:
+            atomic_write_json(self.file, {"data": self.data})
+        except OSError:
+            pass  # remembering is a convenience; never fail an action for it
+
+
+def model_status(workdir):
+    try:
+        path = find_model(workdir)
+    except CaptioningError:
+        return "[yellow]none yet[/] — train one (3) or run the demo (6)"
+    summary = read_summary(path)
+    where = escape(str(path))
+    return f"{escape(describe(summary))}\n[dim]{where}[/]" if summary else where
+
+
+def header(state):
+    out.print(Panel.fit("[bold]image-captioning[/]\nCaption photos with a CNN encoder and an LSTM decoder",
+                        border_style="cyan"))
+    info = Table.grid(padding=(0, 2))
+    info.add_row("[bold]Model[/]", model_status(state.args.workdir))
+    info.add_row("[bold]Dataset[/]", escape(state.data) if state.data else "[yellow]none chosen[/] (1)")
+    out.print(info)
+    menu = Table.grid(padding=(0, 2))
+    for key, label in OPTIONS:
+        menu.add_row(f"[bold cyan]{key}[/]", label)
+    out.print(menu)
+
+
+# --- actions -----------------------------------------------------------------------------------------
+
+def dataset_folder(state):
+    return ask_path("Dataset folder", state.data, want="dir")
+
+
+def do_download(state):
+    from .datasets import download_dataset
+    choice = ask_choice("Download mini-coco (default), flickr8k, or use a local folder", ["mini-coco", "flickr8k",
+                                                                                          "local"], "mini-coco")
+    if choice == "local":
+        from .datasets import load_dataset
+        path = ask_path("Dataset folder", want="dir")
+        dataset = load_dataset(path)
+        out.print(f"Found a {dataset.layout} dataset with {len(dataset.records):,} images.")
+    else:
+        path = download_dataset(choice)
+        out.print(f"Dataset ready in: {escape(str(path))}")
+    state.remember(path)
+
+
+def _cli_args(state, **extra):
+    """The same option set the CLI builds, so the menu runs exactly the commands' code."""
+    from argparse import Namespace
+    base = dict(workdir=state.args.workdir, device=state.args.device, seed=state.args.seed,
+                encoder="resnet50", encoder_weights=None, extract_batch_size=None, workers=None)
+    return Namespace(**{**base, **extra})
+
+
+def do_extract(state):
+    from .cli import cmd_extract
+    data = dataset_folder(state)
+    encoder = ask("Encoder (resnet18/34/50/101/152, mobilenet_v2, ...)", "resnet50")
+    cmd_extract(_cli_args(state, data=str(data), encoder=encoder))
+    state.remember(data)
+
+
+def do_train(state):
+    from .cli import cmd_train
+    data = dataset_folder(state)
+    encoder = ask("Encoder (resnet18/34/50/101/152, mobilenet_v2, ...)", "resnet50")
+    decoder = ask_choice("Decoder", ["lstm", "attention"], "lstm")
+    epochs = ask_int("Epochs", 20, 1, 1000)
+    batch = ask_int("Batch size", 32, 1, 4096)
+    resume = False
+    if (Path(state.args.workdir) / "models" / "last.pt").exists():
+        resume = ask_choice("A previous run exists. Continue it (y) or start over (n)", ["y", "n"], "y") == "y"
+    state.remember(data)
+    cmd_train(_cli_args(state, data=str(data), encoder=encoder, decoder=decoder, epochs=epochs, batch_size=batch,
+                        resume=resume, lr=4e-4, embed_dim=256, hidden_dim=512, attention_dim=512, dropout=0.5,
+                        label_smoothing=0.0, min_count=5, patience=4))
+
+
+def do_caption(state):
+    from .cli import cmd_caption
+    path = ask_path("Image file or folder")
+    beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
+    attention = False
+    summary = read_summary(find_model(state.args.workdir))
+    if summary and summary.get("decoder") == "attention":
+        attention = ask_choice("Also draw the attention maps", ["y", "n"], "n") == "y"
+    cmd_caption(_cli_args(state, images=[str(path)], model=None, beam_size=beam, max_len=20, num_captions=1,
+                          output=None, json=False, attention=attention))
+
+
+def do_evaluate(state):
+    from .cli import cmd_evaluate
+    data = dataset_folder(state)
+    split = ask_choice("Split", ["val", "test"], "test")
+    beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
+    cmd_evaluate(_cli_args(state, data=str(data), split=split, model=None, beam_size=beam, max_len=20, output=None))
+
+
+def do_demo(state):
+    from .demo import run_demo
+    run_demo(state.args.workdir, device=state.args.device, seed=state.args.seed)
+
+
+ACTIONS = {"1": do_download, "2": do_extract, "3": do_train, "4": do_caption, "5": do_evaluate, "6": do_demo}
+
+
+def run_menu(args):
+    state = MenuState(args)
+    while True:
+        header(state)
+        try:
+            choice = ask("Choose", "").lower()
+        except (KeyboardInterrupt, EOFError):
+            out.print("\nBye.")
+            return
+        if choice in ("7", "q", "quit", "exit"):
+            out.print("Bye.")
+            return
+        if choice not in ACTIONS:
+            out.print(f"[red]Please type a number from 1 to {len(OPTIONS)}.[/]\n")
+            continue
+        try:
+            ACTIONS[choice](state)
+        except Back:
+            pass
+        except KeyboardInterrupt:
+            out.print("\n[yellow]Cancelled; back to the menu.[/]")
+        except EOFError:
+            out.print("\nBye.")
+            return
+        except CaptioningError as e:
+            out.print(f"[red]error:[/] {escape(str(e))}")
+        except Exception as e:  # the menu must survive anything; --debug shows the details
+            if args.debug:
+                out.print_exception()
+            first = (str(e).splitlines() or [""])[0][:200]
+            out.print(f"[red]error:[/] unexpected {type(e).__name__}: {escape(first)} (run with --debug for details)")
+        out.print()

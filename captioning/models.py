@@ -1,0 +1,165 @@
+"""Caption decoders: Show-and-Tell LSTM and Show-Attend-and-Tell soft attention.
+
+Both read captions as token ids laid out `<start> w1 ... wn <end> <pad>...` and are trained to predict
+token t+1 from tokens up to t. Both expose the same two-call interface for search:
+    state = decoder.init_state(features)          # dict of tensors, batch first
+    logits, state, alpha = decoder.step(tokens, state)
+so greedy and beam search are written once, for both.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from .vocab import START
+
+
+@dataclass
+class ModelConfig:
+    decoder: str = "lstm"        # "lstm" (Show and Tell) or "attention" (Show, Attend and Tell)
+    vocab_size: int = 0
+    feat_dim: int = 0            # channels of the encoder's features
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class FeatureNorm(nn.Module):
+    """Standardises encoder features per channel with statistics of the training images.
+
+    ImageNet features are all-positive with channel scales that differ by 100x; centring them makes the
+    decoder train faster and lets a randomly initialised encoder (demo, tests) work at all."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_stats(self, mean, std):
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3))
+
+    def forward(self, x):
+        return (x.float() - self.mean) / self.std
+
+
+class ShowTellDecoder(nn.Module):
+    """Vinyals et al. 2015: the image embedding takes the place of `<start>`, then a fused nn.LSTM."""
+    uses_grid = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm = FeatureNorm(cfg.feat_dim)
+        self.image_embed = nn.Linear(cfg.feat_dim, cfg.embed_dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+
+    def _inputs(self, features, tokens):
+        image = self.image_embed(self.norm(features))       # [B, E]
+        emb = self.embed(tokens)
+        return torch.where((tokens == START).unsqueeze(-1), image.unsqueeze(1), emb)
+
+    def forward(self, features, captions, lengths):
+        """Logits and targets for the real (non-pad) positions only: the vocabulary projection, the
+        costliest layer, never runs on padding."""
+        steps = (lengths - 1).cpu()
+        x = self.drop(self._inputs(features, captions[:, :-1]))
+        packed = pack_padded_sequence(x, steps, batch_first=True, enforce_sorted=False)
+        hidden, _ = self.lstm(packed)
+        targets = pack_padded_sequence(captions[:, 1:], steps, batch_first=True, enforce_sorted=False).data
+        return self.out(self.drop(hidden.data)), targets, None
+
+    def init_state(self, features):
+        b = features.shape[0]
+        zeros = features.new_zeros(1, b, self.cfg.hidden_dim, dtype=torch.float32)
+        return {"features": features, "h": zeros.clone(), "c": zeros.clone()}
+
+    def step(self, tokens, state):
+        x = self._inputs(state["features"], tokens.unsqueeze(1))
+        # nn.LSTM keeps (layers, batch, hidden); store batch first so search can reorder every entry alike.
+        h, c = state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous()
+        out, (h, c) = self.lstm(x, (h, c))
+        new = {"features": state["features"], "h": h.transpose(0, 1), "c": c.transpose(0, 1)}
+        return self.out(out[:, 0]), new, None
+
+
+class AttentionDecoder(nn.Module):
+    """Xu et al. 2015, soft attention: at each word the LSTM looks at a weighted mix of the grid cells,
+    scaled by a learnt gate; a doubly stochastic penalty asks every cell to be looked at about once."""
+    uses_grid = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, e, h, a = cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
+        self.norm = FeatureNorm(c)
+        self.enc_att, self.dec_att, self.full_att = nn.Linear(c, a), nn.Linear(h, a), nn.Linear(a, 1)
+        self.init_h, self.init_c = nn.Linear(c, h), nn.Linear(c, h)
+        self.gate = nn.Linear(h, c)
+        self.embed = nn.Embedding(cfg.vocab_size, e, padding_idx=0)
+        self.cell = nn.LSTMCell(e + c, h)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(h, cfg.vocab_size)
+
+    def init_state(self, features):
+        feats = self.norm(features)                                     # [B, P, C]
+        mean = feats.mean(1)
+        return {"feats": feats, "proj": self.enc_att(feats),
+                "h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean))}
+
+    def _attend(self, state):
+        scores = self.full_att(torch.tanh(state["proj"] + self.dec_att(state["h"]).unsqueeze(1))).squeeze(-1)
+        alpha = scores.softmax(-1)                                      # [B, P], sums to one
+        context = (alpha.unsqueeze(-1) * state["feats"]).sum(1)
+        return torch.sigmoid(self.gate(state["h"])) * context, alpha
+
+    def step(self, tokens, state):
+        context, alpha = self._attend(state)
+        h, c = self.cell(torch.cat([self.embed(tokens), context], -1), (state["h"], state["c"]))
+        new = dict(state, h=h, c=c)
+        return self.out(self.drop(h)), new, alpha
+
+    def forward(self, features, captions, lengths):
+        """Teacher-forced pass. Captions are sorted longest first so that step t runs only on the rows
+        still inside their caption: no compute on padding."""
+        order = lengths.argsort(descending=True)
+        features, captions, steps = features[order], captions[order], (lengths[order] - 1).tolist()
+        state = self.init_state(features)
+        emb = self.embed(captions[:, :-1])
+        logits, targets, alphas = [], [], features.new_zeros(len(steps), steps[0], features.shape[1])
+        for t in range(steps[0]):
+            n = sum(s > t for s in steps)                               # rows still running at step t
+            state = {k: v[:n] for k, v in state.items()}
+            context, alpha = self._attend(state)
+            h, c = self.cell(torch.cat([emb[:n, t], context], -1), (state["h"], state["c"]))
+            state.update(h=h, c=c)
+            logits.append(self.out(self.drop(h)))
+            targets.append(captions[:n, t + 1])
+            alphas[:n, t] = alpha
+        return torch.cat(logits), torch.cat(targets), alphas
+
+    @staticmethod
+    def attention_penalty(alphas):
+        """Doubly stochastic regularisation: over a caption, each cell's total attention should be ~1."""
+        return ((1.0 - alphas.sum(1)) ** 2).mean()
+
+
+def build_decoder(cfg: ModelConfig):
+    if cfg.decoder == "lstm":
+        return ShowTellDecoder(cfg)
+    if cfg.decoder == "attention":
+        return AttentionDecoder(cfg)
+    raise ValueError(f"unknown decoder '{cfg.decoder}' (expected 'lstm' or 'attention')")
+
+
+def caption_loss(logits, targets, label_smoothing=0.0):
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)

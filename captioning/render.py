@@ -1,0 +1,256 @@
+"""Pictures for people: a photo with its caption, attention maps per word, training curves.
+
+matplotlib is imported inside the functions (it costs ~0.3 s) and only through its object API
+(Figure + FigureCanvasAgg): no pyplot, so no global backend state and no figure registry that
+leaks memory when hundreds of images are captioned. Every PNG is written atomically.
+"""
+import functools
+import math
+import textwrap
+import unicodedata
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+from captioning.utils import atomic_write
+
+DPI = 100
+CAPTION_FONT = 18      # points; readable when the PNG is shown at half size
+TINY = 96              # photos smaller than this (longest side, px) are upscaled with hard pixel edges
+
+
+def _new_figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _quiet(fn):
+    """Glyphs missing from the font (emoji, CJK without a CJK font) draw as boxes; matplotlib warns
+    once per glyph, which is noise for the user, not a failure."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Gg]lyph.*missing.*")
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _save(fig, path):
+    # format="png" explicitly: the temporary file's name ends in .tmp.
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, facecolor="white"))
+    fig.clear()
+    return Path(path)
+
+
+def _to_rgb(image):
+    """Any PIL image (or a path to one) as RGB; transparency is flattened onto white, not black."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            image = ImageOps.exif_transpose(im)
+            image.load()
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(image, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _fit(image, max_w, max_h):
+    """Display size in inches that keeps the aspect ratio and fills max_w x max_h as far as possible."""
+    w, h = image.size
+    scale = min(max_w / w, max_h / h)
+    return w * scale, h * scale
+
+
+def _show(ax, image):
+    small = max(image.size) < TINY
+    # Tiny images are blown up a lot: nearest keeps the pixels crisp instead of a blur.
+    ax.imshow(np.asarray(image), interpolation="nearest" if small else "antialiased")
+    ax.set_axis_off()
+
+
+def _columns(text):
+    """Width of text in 'average character' units: East Asian wide characters count double."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _wrap(captions, width):
+    lines = []
+    numbered = len(captions) > 1
+    for i, caption in enumerate(captions, 1):
+        prefix = f"{i}. " if numbered else ""
+        # textwrap counts characters; shrink its width for wide (CJK) text so lines fit on screen.
+        ratio = _columns(caption) / max(len(caption), 1)
+        w = max(8, int(width / ratio))
+        lines += textwrap.wrap(caption, w, initial_indent=prefix,
+                               subsequent_indent=" " * (len(prefix) + 1 if prefix else 0)) or [prefix]
+    return lines
+
+
+@_quiet
+def save_captioned_image(image, caption, path):
+    """The photo with its caption (or numbered captions) below in large wrapped text; returns the path."""
+    image = _to_rgb(image)
+    captions = [caption] if isinstance(caption, str) else list(caption)
+    captions = [" ".join(str(c).split()) for c in captions]  # newlines/tabs would break the layout
+    if not any(captions):
+        captions = ["(no caption)"]
+
+    fig_w, margin, max_photo_h = 8.0, 0.25, 8.0
+    photo_w, photo_h = _fit(image, fig_w - 2 * margin, max_photo_h)
+    fig = _new_figure(fig_w, 4.0)
+    align = "left" if len(captions) > 1 else "center"
+    text = fig.text(0, 0, "", fontsize=CAPTION_FONT, ha=align, va="top", linespacing=1.35,
+                    parse_math=False, transform=fig.dpi_scale_trans, wrap=False)
+    # Guess how many characters fit, then measure and tighten until the widest line really fits:
+    # proportional fonts make a character count only an estimate ("WWW" is wider than "iii").
+    avail_px = (fig_w - 2 * margin) * DPI
+    width = int((fig_w - 2 * margin) * 72 / (CAPTION_FONT * 0.55))
+    renderer = fig.canvas.get_renderer()
+    for _ in range(8):
+        text.set_text("\n".join(_wrap(captions, width)))
+        box = text.get_window_extent(renderer=renderer)
+        if box.width <= avail_px or width <= 8:
+            break
+        width = max(8, int(width * avail_px / box.width) - 1)
+    text_h = box.height / DPI
+
+    gap = 0.2
+    fig_h = margin + photo_h + gap + text_h + margin
+    fig.set_size_inches(fig_w, fig_h)
+    ax = fig.add_axes([(fig_w - photo_w) / 2 / fig_w, (fig_h - margin - photo_h) / fig_h,
+                       photo_w / fig_w, photo_h / fig_h])
+    _show(ax, image)
+    text.set_x(margin if align == "left" else fig_w / 2)
+    text.set_y(margin + text_h)
+    return _save(fig, path)
+
+
+def _as_maps(alphas, n_words):
+    a = np.asarray(alphas, dtype=np.float32)
+    if a.ndim == 2 and a.shape[0] == n_words and a.shape[1] > 0:
+        # Decoders emit [T, h*w]; a square grid is the usual case (7x7, 14x14).
+        side = math.isqrt(a.shape[1])
+        if side * side != a.shape[1]:
+            raise ValueError(f"alphas of shape {a.shape} is not a square grid; pass [T, h, w]")
+        a = a.reshape(n_words, side, side)
+    if a.ndim != 3 or a.shape[0] != n_words or (n_words and min(a.shape[1:]) < 1):
+        raise ValueError(f"alphas must have shape [T, h, w] with T = {n_words} words, got {a.shape}")
+    return np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _upsample(alpha, size):
+    """An h x w attention map as a smooth map of `size` (w, h) in [0, 1]: bicubic, then a gaussian blur
+    about half a grid cell wide so the grid's square cells don't show."""
+    alpha = alpha - alpha.min()
+    peak = alpha.max()
+    alpha = alpha / peak if peak > 0 else np.ones_like(alpha)  # uniform attention: everywhere equally
+    big = Image.fromarray(alpha, "F").resize(size, Image.BICUBIC)
+    big = Image.fromarray((np.clip(np.asarray(big), 0, 1) * 255).astype(np.uint8), "L")
+    radius = 0.5 * max(size[0] / alpha.shape[1], size[1] / alpha.shape[0])
+    big = big.filter(ImageFilter.GaussianBlur(radius))
+    return np.asarray(big, dtype=np.float32) / 255
+
+
+@_quiet
+def save_attention_map(image, words, alphas, path, cols=5):
+    """The photo, then one panel per word with where the decoder looked (alphas [T, h, w]); returns the path."""
+    words = [str(w) for w in words]
+    maps = _as_maps(alphas, len(words))  # validate before touching the file system
+    image = _to_rgb(image)
+    # Work at panel resolution: upsampling maps to a 4000 px photo would be slow and invisible.
+    panel = image.copy()
+    panel.thumbnail((320, 320), Image.LANCZOS)
+    if max(panel.size) < TINY:
+        scale = math.ceil(TINY / max(panel.size))
+        panel = panel.resize((panel.width * scale, panel.height * scale), Image.NEAREST)
+
+    n = len(words) + 1
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols)
+    cell_w = 2.6
+    pw, ph = _fit(panel, cell_w - 0.2, 2.6)
+    cell_h = ph + 0.55                           # room for the word above each panel
+    title_h = 0.7
+    fig_w, fig_h = cols * cell_w, rows * cell_h + title_h
+    fig = _new_figure(fig_w, fig_h)
+    sentence = " ".join(words) if words else "(no words)"
+    chars = max(20, int(fig_w * 72 / (14 * 0.55)))
+    fig.text(0.5, 1 - 0.15 / fig_h, "\n".join(textwrap.wrap(sentence, chars)[:2]), ha="center", va="top",
+             fontsize=14, parse_math=False)
+
+    photo = np.asarray(panel)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        left = c * cell_w + (cell_w - pw) / 2
+        bottom = fig_h - title_h - (r + 1) * cell_h + 0.1
+        ax = fig.add_axes([left / fig_w, bottom / fig_h, pw / fig_w, ph / fig_h])
+        ax.imshow(photo, interpolation="nearest")
+        ax.set_axis_off()
+        if i == 0:
+            ax.set_title("photo", fontsize=13, color="gray", parse_math=False)
+            continue
+        heat = _upsample(maps[i - 1], panel.size)
+        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+        ax.set_title(words[i - 1], fontsize=15, parse_math=False)
+    return _save(fig, path)
+
+
+def _series(history, key):
+    xs, ys = [], []
+    for i, entry in enumerate(history):
+        value = entry.get(key)
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        xs.append(entry.get("epoch", i + 1))
+        ys.append(float(value))
+    return xs, ys
+
+
+@_quiet
+def save_training_curves(history, path):
+    """Train/val loss per epoch and, when present, dev BLEU-4 and CIDEr-D; returns the path."""
+    from matplotlib.ticker import MaxNLocator
+    history = [dict(e) for e in (history or [])]
+    metrics = [k for k in ("BLEU-4", "CIDEr-D") if _series(history, k)[0]]
+    panels = 2 if metrics else 1
+    fig = _new_figure(6.5 * panels, 4.5)
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    best = [e.get("epoch", i + 1) for i, e in enumerate(history) if e.get("best")]
+
+    plots = [("loss", [("train_loss", "train"), ("val_loss", "validation")])]
+    if metrics:
+        plots.append(("dev score", [(k, k) for k in metrics]))
+    for ax, (ylabel, keys) in zip(axes, plots):
+        drawn = False
+        for key, label in keys:
+            xs, ys = _series(history, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=4, label=label)
+                drawn = True
+        for epoch in best[-1:]:  # the latest "best" is the checkpoint that was kept
+            ax.axvline(epoch, color="gray", linestyle="--", linewidth=1, label="best")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if drawn or best:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no training history yet", ha="center", va="center", transform=ax.transAxes,
+                    color="gray", fontsize=13)
+    axes[0].set_title("loss")
+    if metrics:
+        axes[1].set_title("validation metrics")
+    fig.tight_layout()
+    return _save(fig, path)

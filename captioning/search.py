@@ -1,0 +1,136 @@
+"""Greedy and beam search, batched over images and beams, for any decoder with init_state/step.
+
+Beam search keeps K hypotheses per image in one [B*K] batch, so the decoder runs once per step for the
+whole set. It never emits <unk>, <pad> or <start>, never ends on the first word, can forbid repeating a
+trigram, and ranks finished captions by log-probability divided by length**alpha (so that short captions
+are not favoured just for having fewer terms in the sum). Greedy search is beam search with K = 1.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .vocab import END, PAD, START, UNK
+
+
+@dataclass
+class SearchConfig:
+    beam_size: int = 3
+    max_len: int = 20
+    length_alpha: float = 0.7      # 0: raw log-probability; 1: mean log-probability per word
+    block_trigrams: bool = True    # "a man in a red shirt in a red shirt" is never what anyone wants
+    num_captions: int = 1          # the N best distinct captions per image
+
+
+@dataclass
+class Hypothesis:
+    tokens: list                   # word ids, without <start>/<end>
+    logprob: float                 # sum of log-probabilities, <end> included when it ended
+    score: float                   # the length-normalised score used for ranking
+    alphas: torch.Tensor | None = None  # [len, cells] attention per emitted word, for attention decoders
+
+
+def _banned_trigrams(seqs, vocab_size):
+    """Mask [N, V] of words that would repeat a trigram already in each sequence."""
+    n, t = seqs.shape
+    if t < 3:
+        return torch.zeros(n, vocab_size, dtype=torch.bool, device=seqs.device)
+    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
+    counts = torch.zeros(n, vocab_size, device=seqs.device).scatter_add_(1, seqs[:, 2:], match.float())
+    return counts > 0
+
+
+@torch.inference_mode()
+def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=False):
+    """Returns, per image, a list of up to `cfg.num_captions` Hypothesis, best first, distinct in words."""
+    b, k = features.shape[0], max(1, cfg.beam_size)
+    k_kept = max(k, cfg.num_captions)          # finished hypotheses to collect before an image is done
+    device = features.device
+    state = {key: v.repeat_interleave(k, 0) for key, v in decoder.init_state(features).items()}
+    tokens = torch.full((b * k,), START, dtype=torch.long, device=device)
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0                          # all beams start equal: keep one so results are not K copies
+    seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
+    alphas = None
+    finished = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool)
+
+    for t in range(cfg.max_len):
+        logits, state, alpha = decoder.step(tokens, state)
+        logp = logits.float().log_softmax(-1)
+        vocab = logp.shape[1]
+        logp[:, [PAD, START, UNK]] = float("-inf")
+        if t == 0:
+            logp[:, END] = float("-inf")        # at least one word
+        if t == cfg.max_len - 1:
+            logp[:, :] = float("-inf")
+            logp[:, END] = 0.0                  # out of room: close every beam here
+        if cfg.block_trigrams:
+            logp[_banned_trigrams(seqs, vocab)] = float("-inf")
+        if keep_alphas and alpha is not None:
+            alphas = alpha.unsqueeze(1) if alphas is None else torch.cat([alphas, alpha.unsqueeze(1)], 1)
+
+        total = (scores.view(-1, 1) + logp).view(b, k * vocab)
+        top_scores, top_idx = total.topk(2 * k, dim=1)     # 2K: enough for K to go on after any <end>s
+        beam, word = top_idx // vocab, top_idx % vocab
+        is_end = (word == END) & torch.isfinite(top_scores)
+
+        # Finished hypotheses: <end> among the top K candidates of an image still searching.
+        for i, j in (is_end[:, :k] & ~done.to(device).unsqueeze(1)).nonzero().tolist():
+            row = i * k + int(beam[i, j])
+            length = t + 1                                  # words plus <end>
+            hyp = Hypothesis(seqs[row].tolist(), float(top_scores[i, j]),
+                             float(top_scores[i, j]) / length ** cfg.length_alpha,
+                             alphas[row].cpu() if alphas is not None else None)
+            finished[i].append(hyp)
+        done |= torch.tensor([len(f) >= k_kept for f in finished])
+        if bool(done.all()):
+            break
+
+        # The K best candidates that go on: not <end>, ranked as topk returned them.
+        go_on = ~is_end & torch.isfinite(top_scores)
+        rank = go_on.long().cumsum(1)
+        keep = go_on & (rank <= k)
+        order = torch.sort((~keep).float(), dim=1, stable=True).indices[:, :k]  # kept columns first, in order
+        sel_beam, sel_word = beam.gather(1, order), word.gather(1, order)
+        sel_scores = torch.where(keep.gather(1, order), top_scores.gather(1, order),
+                                 torch.full_like(top_scores[:, :k], float("-inf")))
+        rows = (torch.arange(b, device=device).unsqueeze(1) * k + sel_beam).view(-1)
+        state = {key: v.index_select(0, rows) for key, v in state.items()}
+        seqs = torch.cat([seqs.index_select(0, rows), sel_word.view(-1, 1)], 1)
+        if alphas is not None:
+            alphas = alphas.index_select(0, rows)
+        tokens, scores = sel_word.view(-1), sel_scores
+
+    return [_best_distinct(f, cfg.num_captions) for f in finished]
+
+
+def _best_distinct(hyps, n):
+    out, seen = [], set()
+    for h in sorted(hyps, key=lambda h: h.score, reverse=True):
+        key = tuple(h.tokens)
+        if key not in seen:
+            seen.add(key)
+            out.append(h)
+        if len(out) == n:
+            break
+    return out
+
+
+def greedy_search(decoder, features, max_len=20, block_trigrams=True):
+    """Best single caption per image, one word at a time (used for dev scores while training)."""
+    cfg = SearchConfig(beam_size=1, max_len=max_len, block_trigrams=block_trigrams)
+    return [h[0] for h in beam_search(decoder, features, cfg)]
+
+
+def sequence_logprob(decoder, features, tokens):
+    """Log-probability the decoder gives `tokens` (without <start>; <end> appended) for one image.
+    Lets tests compare searches by the quantity they maximise."""
+    with torch.inference_mode():
+        state = decoder.init_state(features)
+        prev = torch.tensor([START], device=features.device)
+        total = 0.0
+        for word in list(tokens) + [END]:
+            logits, state, _ = decoder.step(prev, state)
+            total += float(logits.float().log_softmax(-1)[0, word])
+            prev = torch.tensor([word], device=features.device)
+    return total

@@ -1,0 +1,258 @@
+"""Decoder training on cached features: teacher forcing, dev scores every epoch, best/last checkpoints.
+
+Batches are bucketed by caption length, so almost no step is spent on padding. After each epoch the dev
+split is captioned greedily and scored (BLEU-4, CIDEr-D); `best.pt` is the epoch with the best dev
+CIDEr-D, the learning rate halves when it stalls, and training stops early when it stops improving.
+`last.pt` holds everything needed to resume exactly: weights, optimiser, scheduler, RNG, history.
+"""
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, models_dir, save_checkpoint
+from .datasets import load_dataset
+from .encoders import EncoderSpec
+from .evaluate import score_captions
+from .features import ExtractConfig, extract_features, pick_device
+from .models import AttentionDecoder, ModelConfig, build_decoder, caption_loss
+from .search import greedy_search
+from .utils import CaptioningError, add_task, advance_task, console, make_progress
+from .vocab import PAD, Vocabulary, tokenize
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    clip: float = 5.0              # gradient-norm clipping: LSTMs occasionally spike
+    label_smoothing: float = 0.0
+    att_reg: float = 1.0           # weight of the doubly stochastic attention penalty
+    min_count: int = 5             # words seen fewer times in train become <unk>
+    max_words: int = 30            # longer captions are truncated (a few outliers in COCO)
+    patience: int = 4              # epochs without a better dev CIDEr-D before stopping early
+    lr_patience: int = 1           # epochs without improvement before halving the learning rate
+    dev_images: int = 1000         # dev images decoded each epoch (scored against all their references)
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class CaptionData:
+    """Every caption of a split as token ids, with the feature row of its image."""
+    tokens: torch.Tensor    # [N, max_words + 2] int64: <start> words <end> <pad>...
+    lengths: torch.Tensor   # [N] tokens including <start> and <end>
+    rows: torch.Tensor      # [N] feature rows
+
+
+def encode_split(records, vocab, row_of, max_words):
+    seqs, rows = [], []
+    for r in records:
+        for c in r.captions:
+            ids = vocab.encode(tokenize(c))[:max_words]
+            if ids:
+                seqs.append([1] + ids + [2])
+                rows.append(row_of[str(r.image)])
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    return CaptionData(tokens, torch.tensor([len(s) for s in seqs]), torch.tensor(rows))
+
+
+def length_buckets(lengths, batch_size, generator):
+    """Batches of captions of (nearly) equal length, in random order: shuffle, stable-sort by length,
+    cut into batches, shuffle the batches."""
+    perm = torch.randperm(len(lengths), generator=generator)
+    order = perm[torch.sort(lengths[perm], stable=True).indices]
+    batches = list(torch.split(order, batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def load_features(store, rows, grid, device):
+    """Feature rows from the memory-mapped cache (sorted reads are sequential on disk)."""
+    idx = rows.numpy()
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    array = (store.grid if grid else store.pooled)[uniq]
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)[torch.from_numpy(inverse).to(device)]
+
+
+def feature_stats(store, rows, grid):
+    """Per-channel mean and std over the training images, computed in chunks to keep memory flat."""
+    total, sq, n = 0.0, 0.0, 0
+    rows = np.unique(rows.numpy())
+    for i in range(0, len(rows), 512):
+        x = np.asarray((store.grid if grid else store.pooled)[rows[i:i + 512]], dtype=np.float64)
+        x = x.reshape(-1, x.shape[-1])
+        total, sq, n = total + x.sum(0), sq + (x * x).sum(0), n + len(x)
+    mean = total / n
+    return mean, np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
+
+
+def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig):
+    logits, targets, alphas = decoder(feats, batch_tokens, batch_lengths)
+    loss = caption_loss(logits, targets, cfg.label_smoothing)
+    if alphas is not None and cfg.att_reg:
+        loss = loss + cfg.att_reg * AttentionDecoder.attention_penalty(alphas)
+    return loss, len(targets)
+
+
+@torch.inference_mode()
+def validation_loss(decoder, store, data, cfg, device):
+    decoder.eval()
+    total, count = 0.0, 0
+    for idx in torch.split(torch.argsort(data.lengths), 256):
+        feats = load_features(store, data.rows[idx], decoder.uses_grid, device)
+        logits, targets, _ = decoder(feats, data.tokens[idx].to(device), data.lengths[idx].to(device))
+        total += float(caption_loss(logits, targets)) * len(targets)
+        count += len(targets)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def caption_rows(decoder, store, rows, vocab, device, batch=256, progress=None):
+    """Greedy captions for feature rows, as text."""
+    decoder.eval()
+    out = []
+    for i in range(0, len(rows), batch):
+        feats = load_features(store, torch.as_tensor(rows[i:i + batch]), decoder.uses_grid, device)
+        out += [vocab.decode(h.tokens) for h in greedy_search(decoder, feats)]
+    return out
+
+
+def dev_scores(decoder, store, records, vocab, row_of, device, limit):
+    records = records[:limit]
+    captions = caption_rows(decoder, store, [row_of[str(r.image)] for r in records], vocab, device)
+    cands = {i: c for i, c in enumerate(captions)}
+    refs = {i: r.captions for i, r in enumerate(records)}
+    s = score_captions(cands, refs, metrics=("BLEU", "CIDEr"), use_java=False)
+    return {"BLEU-4": s["BLEU-4"], "CIDEr-D": s["CIDEr-D"]}
+
+
+def prepare(data_dir, workdir, spec: EncoderSpec, extract_cfg: ExtractConfig):
+    """Dataset records (with a readable image) and their feature store, extracting when needed."""
+    dataset = load_dataset(data_dir)
+    if dataset.missing:
+        console.print(f"[yellow]{dataset.missing:,} image(s) listed in the dataset are missing and were skipped.[/]")
+    paths = sorted({str(r.image) for r in dataset.records})
+    store = extract_features(paths, spec, workdir, extract_cfg)
+    records = [r for r in dataset.records if str(r.image) not in store.bad]
+    return dataset, records, store
+
+
+def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: EncoderSpec = EncoderSpec(),
+          extract_cfg: ExtractConfig = ExtractConfig(), resume=False):
+    """Train a decoder; returns the path of the best checkpoint."""
+    device = pick_device(extract_cfg.device)
+    out_dir = models_dir(workdir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    ckpt = None
+    if resume:
+        if not last_path.exists():
+            raise CaptioningError(f"Nothing to resume: {last_path} does not exist; train without --resume first.")
+        ckpt = load_checkpoint(last_path)
+        spec = EncoderSpec(**ckpt["encoder"])           # the features must be the ones it was trained on
+        epochs = cfg.epochs
+        cfg = TrainConfig(**{**ckpt["train_config"], "model": ModelConfig(**ckpt["model_config"])})
+        cfg.epochs = epochs
+    _, records, store = prepare(data_dir, workdir, spec, extract_cfg)
+    splits = {s: [r for r in records if r.split == s] for s in ("train", "val")}
+    if not splits["train"] or not splits["val"]:
+        raise CaptioningError("The dataset needs images in both its train and validation splits to train.")
+    vocab = Vocabulary(ckpt["vocab"]) if ckpt else Vocabulary.build(
+        (c for r in splits["train"] for c in r.captions), min_count=cfg.min_count)
+    row_of = store.row_of()
+    train_data = encode_split(splits["train"], vocab, row_of, cfg.max_words)
+    val_data = encode_split(splits["val"], vocab, row_of, cfg.max_words)
+
+    torch.manual_seed(cfg.seed)
+    cfg.model = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(vocab), "feat_dim": store.channels})
+    decoder = build_decoder(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                           patience=cfg.lr_patience)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history, start_epoch, best = [], 1, float("-inf")
+    if ckpt:
+        decoder.load_state_dict(ckpt["decoder_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        scheduler.load_state_dict(ckpt["scheduler_state"])
+        generator.set_state(ckpt["generator_state"])
+        torch.set_rng_state(ckpt["torch_rng_state"])
+        history, start_epoch, best = ckpt["history"], ckpt["epoch"] + 1, ckpt["best_score"]
+        console.print(f"Resuming after epoch {ckpt['epoch']} (best dev CIDEr-D {best:.3f}).")
+    else:
+        mean, std = feature_stats(store, train_data.rows, decoder.uses_grid)
+        decoder.norm.set_stats(mean, std)
+
+    console.print(f"Training a {cfg.model.decoder} decoder on {spec.name} features: {len(vocab):,} words, "
+                  f"{len(train_data.lengths):,} train captions, {len(splits['val']):,} dev images, device {device}.")
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.time()
+            train_loss = train_epoch(decoder, optimizer, store, train_data, cfg, generator, device, epoch)
+            val_loss = validation_loss(decoder, store, val_data, cfg, device)
+            scores = dev_scores(decoder, store, splits["val"], vocab, row_of, device, cfg.dev_images)
+            scheduler.step(scores["CIDEr-D"])
+            improved = scores["CIDEr-D"] > best
+            best = max(best, scores["CIDEr-D"])
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **scores,
+                            "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0, "best": improved})
+            ckpt = {"decoder_state": decoder.state_dict(), "vocab": vocab.words, "model_config": cfg.model.to_dict(),
+                    "encoder": spec.to_dict(), "grid_hw": list(store.grid_hw), "history": history,
+                    "train_config": {k: v for k, v in asdict(cfg).items() if k != "model"},
+                    "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
+                    "generator_state": generator.get_state(), "torch_rng_state": torch.get_rng_state(),
+                    "epoch": epoch, "best_score": best, "best_metric": "CIDEr-D"}
+            save_checkpoint(last_path, ckpt)
+            if improved:
+                save_checkpoint(best_path, ckpt)
+            console.print(f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+                          f"dev BLEU-4 {scores['BLEU-4']:.3f}, CIDEr-D {scores['CIDEr-D']:.3f}"
+                          f"{' (best)' if improved else ''}, {time.time() - t0:.0f}s")
+            save_curves(history, out_dir / "curves.png")
+            since_best = epoch - max(h["epoch"] for h in history if h["best"])
+            if since_best >= cfg.patience:
+                console.print(f"Stopping early: no better dev CIDEr-D for {cfg.patience} epochs.")
+                break
+    except KeyboardInterrupt:
+        done = f"epoch {epoch - 1} is saved in {last_path}" if epoch > 1 else "no epoch had finished"
+        console.print(f"[yellow]Training interrupted; {done}. Continue with --resume.[/]")
+        if not best_path.exists():
+            return None
+    return best_path
+
+
+def save_curves(history, path):
+    from .render import save_training_curves
+    try:
+        save_training_curves(history, path)
+    except Exception as e:  # a plot must never cost a training run
+        console.print(f"[yellow]Could not draw the training curves: {e}[/]")
+
+
+def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch):
+    decoder.train()
+    batches = length_buckets(data.lengths, cfg.batch_size, generator)
+    total, count = 0.0, 0
+    with make_progress(transient=True) as bar:
+        task = add_task(bar, f"Epoch {epoch}/{cfg.epochs}", len(batches), unit="batch")
+        for idx in batches:
+            feats = load_features(store, data.rows[idx], decoder.uses_grid, device)
+            width = int(data.lengths[idx].max())
+            loss, n = decoder_loss(decoder, feats, data.tokens[idx, :width].to(device),
+                                   data.lengths[idx].to(device), cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip)
+            optimizer.step()
+            if not math.isfinite(float(loss)):
+                raise CaptioningError("Training diverged (the loss became NaN); try a lower --lr.")
+            total, count = total + float(loss) * n, count + n
+            advance_task(bar, task, info=f"loss {total / count:.3f}")
+    return total / max(count, 1)

@@ -1,0 +1,116 @@
+"""Small shared pieces: the user-facing error, atomic file writes, console and progress bars.
+
+Kept free of torch so that `--help` and the menu's first screen stay fast.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+# Messages and progress go to stderr so that `caption --json` keeps stdout clean.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CaptioningError(Exception):
+    """A failure the user can act on. Its message is one plain sentence, shown without a traceback."""
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write a file so that readers see either the old file or the whole new one, never a half.
+
+    `write_fn(f)` writes into a temporary file in the same directory; it is flushed to disk and then
+    renamed over `path` (os.replace is atomic on POSIX and Windows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Whatever went wrong (disk full, Ctrl-C), the previous file at `path` is untouched.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path, text):
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_write_json(path, obj):
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def temp_path_for(path):
+    """A fresh temporary file name beside `path`, for writers (e.g. torch.save, matplotlib) that want a name.
+    Pair it with `os.replace(tmp, path)`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def clean_user_path(text):
+    """A path as a person types or drags it into a terminal: quotes stripped, `~` expanded."""
+    text = str(text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    # Drag-and-drop on some terminals escapes spaces with backslashes.
+    if "\\ " in text and os.sep == "/":
+        text = text.replace("\\ ", " ")
+    return Path(os.path.expanduser(text))
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def collect_images(inputs):
+    """Files and folders (searched one level, sorted) → image paths. A bad path raises one clear error."""
+    paths = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                raise CaptioningError(f"No images (jpg, png, gif, webp, bmp, tiff) in folder: {p}")
+            paths += found
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise CaptioningError(f"Image not found: {p}")
+    return paths
+
+
+def make_progress(transient=False):
+    """A rich progress bar that shows how far, how fast and how long is left."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console, transient=transient)
+
+
+def add_task(progress, description, total, unit="it"):
+    """Add a task whose rate column reads e.g. '35.2 img/s'; update with `advance_task`."""
+    return progress.add_task(description, total=total, rate=f"- {unit}/s", info="", unit=unit)
+
+
+def advance_task(progress, task_id, n=1, info=None):
+    progress.advance(task_id, n)
+    task = next(t for t in progress.tasks if t.id == task_id)
+    unit = task.fields["unit"]
+    fields = {"rate": f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s"}
+    if info is not None:
+        fields["info"] = info
+    progress.update(task_id, **fields)
