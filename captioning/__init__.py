@@ -1,0 +1,14 @@
+"""image-captioning: caption photos with a frozen torchvision CNN and an LSTM decoder.
+
+    from captioning import Captioner
+    Captioner.load().caption("photo.jpg")
+"""
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy, so that the command line's --help and menu never pay for importing torch.
+    if name == "Captioner":
+        from .captioner import Captioner
+        return Captioner
+    raise AttributeError(name)

@@ -46,13 +46,17 @@ def fraction(text):
     return value
 
 
-def common_options():
+def common_options(defaults=True):
+    """The options every command takes, before or after its name. The commands' copy has no defaults
+    (argparse.SUPPRESS): a subcommand's default would otherwise overwrite a value given before the command."""
+    def d(value):
+        return value if defaults else argparse.SUPPRESS
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+    common.add_argument("--device", default=d("auto"), choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run (default: CUDA or MPS when present, else CPU)")
-    common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    common.add_argument("--workdir", default=".", help="where models/ and cache/ live (default: current folder)")
-    common.add_argument("--debug", action="store_true", help="show full tracebacks (for bug reports)")
+    common.add_argument("--seed", type=int, default=d(0), help="random seed (default 0)")
+    common.add_argument("--workdir", default=d("."), help="where models/ and cache/ live (default: current folder)")
+    common.add_argument("--debug", action="store_true", default=d(False), help="show full tracebacks (for bug reports)")
     return common
 
 
@@ -70,8 +74,8 @@ def search_options(p):
 
 
 def build_parser():
-    common = common_options()
-    parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common],
+    common = common_options(defaults=False)
+    parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common_options()],
                                      description="Caption photos with a CNN encoder and an LSTM decoder. "
                                                  "Run with no command for the menu.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -96,6 +100,8 @@ def build_parser():
     p.add_argument("--embed-dim", type=positive_int, default=256)
     p.add_argument("--hidden-dim", type=positive_int, default=512)
     p.add_argument("--attention-dim", type=positive_int, default=512)
+    p.add_argument("--context-dim", type=int, default=512, help="attention decoder: project features to this "
+                   "size first (0: no projection; default 512)")
     p.add_argument("--dropout", type=fraction, default=0.5)
     p.add_argument("--label-smoothing", type=fraction, default=0.0)
     p.add_argument("--min-count", type=positive_int, default=5, help="rarer words become <unk> (default 5)")
@@ -153,7 +159,7 @@ def cmd_train(args):
     from .models import ModelConfig
     from .train import TrainConfig, train
     model = ModelConfig(decoder=args.decoder, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
-                        attention_dim=args.attention_dim, dropout=args.dropout)
+                        attention_dim=args.attention_dim, context_dim=args.context_dim, dropout=args.dropout)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
                       min_count=args.min_count, patience=args.patience, seed=args.seed, model=model)
     best = train(clean_user_path(args.data), args.workdir, cfg, _spec(args), _extract_config(args), resume=args.resume)
@@ -175,11 +181,12 @@ def cmd_caption(args):
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
         return
+    # The results are the command's output: stdout, plain text (a file name may contain '[', which rich reads as markup).
     for r in results:
-        console.print(f"[bold]{r.image}[/]")
+        print(r.image)
         for i, c in enumerate(r.captions, 1):
-            console.print(f"  {i}. {c}" if len(r.captions) > 1 else f"  {c}", markup=False)
-        console.print(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else ""), markup=False)
+            print(f"  {i}. {c}" if len(r.captions) > 1 else f"  {c}")
+        print(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else ""))
 
 
 def cmd_evaluate(args):

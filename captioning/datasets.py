@@ -11,22 +11,20 @@ The layout is detected from the files present, so a user never has to say which 
 No torch here: the CLI imports this module for --help and the menu, which must start instantly.
 """
 import csv
+import fnmatch
 import hashlib
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.utils import CaptioningError, console
 
 SPLITS = ("train", "val", "test")
-LAYOUTS = {
-    "mini-coco": "captions.json + Images/",
-    "flickr8k": "captions.txt + Images/",
-    "karpathy": "dataset_*.json",
-    "coco": "captions_*.json (official COCO captions)",
-}
+# Layout → its annotation file pattern. The order decides when a folder holds several.
+LAYOUTS = {"mini-coco": "captions.json", "flickr8k": "captions.txt", "karpathy": "dataset_*.json",
+           "coco": "captions_*.json"}
 HANDLES = {
     "mini-coco": "nagasai524/mini-coco2014-dataset-for-image-captioning",
     "flickr8k": "adityajn105/flickr8k",
@@ -108,35 +106,29 @@ def _entries(path, data, key, fields):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# each layout parses into (entries, split_of) where entries = [(candidate relative paths, [captions], split|None)]
-
-def _parse_coco_dict(path, data, default_name):
-    """Official COCO captions dict: images {id, file_name} + annotations {image_id, caption}."""
-    names = {img["id"]: img["file_name"] for img in _entries(path, data, "images", ["id", "file_name"])}
-    caps = defaultdict(list)
-    for ann in _entries(path, data, "annotations", ["image_id", "caption"]):
-        caps[ann["image_id"]].append(ann["caption"])
-    return [((names.get(i) or default_name(i),), c, None) for i, c in caps.items()]
-
+# each layout parses into entries: [(candidate relative image paths, [captions], split or None)]
 
 def _coco_name(image_id):
+    """Mini COCO names its files after the image id."""
     return f"COCO_train2014_{int(image_id):012d}.jpg" if str(image_id).isdigit() else str(image_id)
 
 
-def _parse_mini_coco(path, data):
-    if isinstance(data, dict) and "annotations" in data:
-        return _parse_coco_dict(path, data, _coco_name)
-    if isinstance(data, dict) and "images" in data:  # a Karpathy file saved as captions.json
-        return _parse_karpathy(path, data)
-    caps = defaultdict(list)
-    for i, item in enumerate(_entries(path, data, None, ["image_id", "caption"])):
-        if not str(item["image_id"]).isdigit():
-            raise CaptioningError(f"{path}: entry {i} has image_id {item['image_id']!r}, expected a number.")
-        caps[int(item["image_id"])].append(item["caption"])
-    return [((_coco_name(i),), c, None) for i, c in caps.items()]
+def _parse_coco(path, data):
+    """A COCO dict (images {id, file_name} + annotations {image_id, caption}), or Mini COCO's flat list."""
+    caps, names = defaultdict(list), {}
+    if isinstance(data, dict):
+        names = {img["id"]: img["file_name"] for img in _entries(path, data, "images", ["id", "file_name"])}
+        items = _entries(path, data, "annotations", ["image_id", "caption"])
+    else:
+        items = _entries(path, data, None, ["image_id", "caption"])
+    for item in items:
+        caps[item["image_id"]].append(item["caption"])
+    return [((names.get(i) or _coco_name(i),), c, None) for i, c in caps.items()]
 
 
 def _parse_karpathy(path, data):
+    if not isinstance(data, dict):
+        raise CaptioningError(f"{path}: expected a Karpathy split dict with 'images'.")
     out = []
     for img in _entries(path, data, "images", ["filename", "sentences"]):
         raw = img.get("split")
@@ -150,25 +142,23 @@ def _parse_karpathy(path, data):
     return out
 
 
+def _parse(layout, path):
+    if layout == "flickr8k":
+        return [((name,), caps, None) for name, caps in _read_flickr_csv(path).items()]
+    data = _read_json(path)
+    return _parse_karpathy(path, data) if layout == "karpathy" else _parse_coco(path, data)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # layout detection
 
 def _layout_of(name):
     """The layout an annotation file name belongs to, or None."""
-    if name == "captions.json":
-        return "mini-coco"
-    if name == "captions.txt":
-        return "flickr8k"
-    if name.startswith("dataset_") and name.endswith(".json"):
-        return "karpathy"
-    if name.startswith("captions_") and name.endswith(".json"):
-        return "coco"
-    return None
+    return next((layout for layout, pattern in LAYOUTS.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
 
 def _detect(folder):
-    """(layout, annotation files) for a folder, or None. Cheap: looks at file names only.
-    The order decides when several are present: the named single-file layouts first."""
+    """(layout, annotation files) for a folder, or None. Cheap: looks at file names only."""
     try:
         names = sorted(os.listdir(folder))
     except OSError:
@@ -194,8 +184,8 @@ def _find(root):
     if len(hits) > 1:
         raise CaptioningError(f"{root} holds several datasets ({', '.join(d.name for d, _ in hits)}): "
                               f"point at one of them.")
-    known = "; ".join(f"{k} ({v})" for k, v in LAYOUTS.items())
-    raise CaptioningError(f"No captioning dataset found in {root}. Known layouts: {known}.")
+    known = ", ".join(f"{k} ({v})" for k, v in LAYOUTS.items())
+    raise CaptioningError(f"No captioning dataset found in {root}. Known layouts: {known}, with the images.")
 
 
 class _ImageIndex:
@@ -207,10 +197,7 @@ class _ImageIndex:
 
     def _names(self, folder):
         if folder not in self.listings:
-            try:
-                self.listings[folder] = set(os.listdir(folder))
-            except OSError:
-                self.listings[folder] = set()
+            self.listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
         return self.listings[folder]
 
     def find(self, candidates):
@@ -265,25 +252,10 @@ def load_dataset(root):
     else:
         folder, (layout, files) = _find(given)
 
-    entries, bases = [], [folder / "Images", folder / "images"]
-    for path in files:
-        if layout == "flickr8k":
-            entries += [((name,), caps, None) for name, caps in _read_flickr_csv(path).items()]
-        elif layout == "mini-coco":
-            data = _read_json(path)
-            if isinstance(data, dict) and "images" in data and "annotations" not in data:
-                layout = "karpathy"
-            entries += _parse_mini_coco(path, data)
-        elif layout == "karpathy":
-            entries += _parse_karpathy(path, _read_json(path))
-        else:
-            data = _read_json(path)
-            if not isinstance(data, dict):
-                raise CaptioningError(f"{path}: expected a COCO captions dict with 'images' and 'annotations'.")
-            entries += _parse_coco_dict(path, data, _coco_name)
-            # captions_train2014.json → images in train2014/ (official layout)
-            bases.append(folder / path.stem.removeprefix("captions_"))
-    bases.append(folder)
+    entries = [e for path in files for e in _parse(layout, path)]
+    # Where images may be: Images/ (Kaggle), train2014/ for captions_train2014.json (official COCO), the folder.
+    bases = [folder / "Images", folder / "images"]
+    bases += [folder / p.stem.removeprefix("captions_") for p in files if layout == "coco"] + [folder]
 
     # Group by image (a name may appear in several files), strip captions and drop empty ones.
     grouped = {}

@@ -17,7 +17,8 @@ def demo_configs(epochs=8, seed=0):
     from .models import ModelConfig
     from .train import TrainConfig
     spec = EncoderSpec(name="resnet18", weights=None, seed=seed)
-    model = ModelConfig(decoder="attention", embed_dim=128, hidden_dim=256, attention_dim=128, dropout=0.2)
+    model = ModelConfig(decoder="attention", embed_dim=128, hidden_dim=256, attention_dim=128, context_dim=128,
+                        dropout=0.2)
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, min_count=1, patience=epochs, seed=seed,
                       dev_images=200, model=model)
     return spec, cfg

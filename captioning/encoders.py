@@ -46,6 +46,23 @@ def resolve_weights(name, tag):
     return enum.DEFAULT if tag in (None, "DEFAULT") else enum[tag]
 
 
+def _cached(weights):
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)).exists()
+
+
+def concrete_spec(spec: EncoderSpec):
+    """Pin 'DEFAULT' to an actual weights tag, preferring one already in the local cache: offline, a
+    user with e.g. MobileNetV2's V1 file must not be sent to download V2. Checkpoints record the result."""
+    if spec.weights != "DEFAULT" or spec.weights_path:
+        return spec
+    default = resolve_weights(spec.name, "DEFAULT")
+    if not _cached(default):
+        cached = [w for w in torchvision.models.get_model_weights(spec.name) if _cached(w)]
+        if cached:
+            default = cached[0]
+    return EncoderSpec(spec.name, default.name, spec.seed, spec.weights_path)
+
+
 def _trunk(model, name):
     """The convolutional part of a classifier: everything before global pooling."""
     if hasattr(model, "fc") and hasattr(model, "avgpool"):            # resnet, resnext, wide_resnet, regnet
@@ -67,6 +84,7 @@ def _download_hint(name):
 
 def build_encoder(spec: EncoderSpec):
     """Build the frozen trunk and its preprocessing transform. Returns (module in eval mode, transform)."""
+    spec = concrete_spec(spec)
     weights = resolve_weights(spec.name, spec.weights)
     transform = weights.transforms()  # the right resize/crop/normalisation even for random init
     load_pretrained = spec.weights is not None and spec.weights_path is None
@@ -74,10 +92,13 @@ def build_encoder(spec: EncoderSpec):
         torch.manual_seed(spec.seed)  # random-init encoders come out identical at train and caption time
         try:
             model = torchvision.models.get_model(spec.name, weights=weights if load_pretrained else None)
-        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; a bad cached file a RuntimeError
-            if load_pretrained and ("urlopen" in str(e) or isinstance(e, OSError) or "hash" in str(e)):
+        except Exception as e:  # URLError (an OSError) offline; RuntimeError/EOFError for a damaged cached file
+            if not load_pretrained:
+                raise
+            if isinstance(e, OSError):
                 raise CaptioningError(_download_hint(spec.name)) from e
-            raise
+            raise CaptioningError(f"The cached weights file for '{spec.name}' in {Path(torch.hub.get_dir())} "
+                                  "is damaged; delete it and run again (or pass --encoder-weights PATH).") from e
     if spec.weights_path:
         try:
             state = torch.load(os.path.expanduser(spec.weights_path), map_location="cpu", weights_only=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .encoders import EncoderSpec, build_encoder, draft_size_for, load_image
+from .encoders import EncoderSpec, build_encoder, concrete_spec, draft_size_for, load_image
 from .utils import CaptioningError, atomic_write_json, add_task, advance_task, console, make_progress
 
 CACHE_VERSION = 1
@@ -85,7 +85,11 @@ def _worker_init(_):
 
 def cache_dir_for(workdir, spec: EncoderSpec, paths):
     """Same encoder and same images → same folder, so every command reuses one extraction."""
-    h = hashlib.sha1(json.dumps([CACHE_VERSION, spec.to_dict(), [str(p) for p in paths]]).encode()).hexdigest()
+    key = [CACHE_VERSION, spec.to_dict(), [str(p) for p in paths]]
+    if spec.weights_path and os.path.exists(spec.weights_path):
+        st = os.stat(spec.weights_path)   # a weights file replaced in place must not reuse old features
+        key.append([st.st_size, st.st_mtime_ns])
+    h = hashlib.sha1(json.dumps(key).encode()).hexdigest()
     return Path(workdir) / "cache" / f"{spec.name}-{h[:12]}"
 
 
@@ -135,6 +139,7 @@ def _probe_shape(trunk, transform, device, channels_last):
 def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = ExtractConfig()):
     """Encode every image in `paths` once; reuse or resume the cache when it exists. Returns a FeatureStore."""
     paths = [str(p) for p in paths]
+    spec = concrete_spec(spec)
     if not paths:
         raise CaptioningError("There are no images to extract features from.")
     folder = cache_dir_for(workdir, spec, paths)

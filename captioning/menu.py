@@ -163,7 +163,7 @@ def do_train(state):
         resume = ask_choice("A previous run exists. Continue it (y) or start over (n)", ["y", "n"], "y") == "y"
     state.remember(data)
     cmd_train(_cli_args(state, data=str(data), encoder=encoder, decoder=decoder, epochs=epochs, batch_size=batch,
-                        resume=resume, lr=4e-4, embed_dim=256, hidden_dim=512, attention_dim=512, dropout=0.5,
+                        resume=resume, lr=4e-4, embed_dim=256, hidden_dim=512, attention_dim=512, context_dim=512, dropout=0.5,
                         label_smoothing=0.0, min_count=5, patience=4))
 
 

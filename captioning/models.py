@@ -24,6 +24,7 @@ class ModelConfig:
     embed_dim: int = 256
     hidden_dim: int = 512
     attention_dim: int = 512
+    context_dim: int = 512       # attention decoder: features are first projected to this size (0: keep C)
     dropout: float = 0.5
 
     def to_dict(self):
@@ -63,16 +64,19 @@ class ShowTellDecoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
 
-    def _inputs(self, features, tokens):
-        image = self.image_embed(self.norm(features))       # [B, E]
-        emb = self.embed(tokens)
-        return torch.where((tokens == START).unsqueeze(-1), image.unsqueeze(1), emb)
+    def _inputs(self, image, tokens):
+        """Word embeddings, with the image embedding in the place of <start>."""
+        return torch.where((tokens == START).unsqueeze(-1), image.unsqueeze(1), self.embed(tokens))
 
-    def forward(self, features, captions, lengths):
+    def forward(self, features, captions, lengths, image_index=None):
         """Logits and targets for the real (non-pad) positions only: the vocabulary projection, the
-        costliest layer, never runs on padding."""
+        costliest layer, never runs on padding. With `image_index`, `features` hold each image once and
+        caption i belongs to image image_index[i]."""
+        image = self.image_embed(self.norm(features))
+        if image_index is not None:
+            image = image[image_index]
         steps = (lengths - 1).cpu()
-        x = self.drop(self._inputs(features, captions[:, :-1]))
+        x = self.drop(self._inputs(image, captions[:, :-1]))
         packed = pack_padded_sequence(x, steps, batch_first=True, enforce_sorted=False)
         hidden, _ = self.lstm(packed)
         targets = pack_padded_sequence(captions[:, 1:], steps, batch_first=True, enforce_sorted=False).data
@@ -81,14 +85,14 @@ class ShowTellDecoder(nn.Module):
     def init_state(self, features):
         b = features.shape[0]
         zeros = features.new_zeros(1, b, self.cfg.hidden_dim, dtype=torch.float32)
-        return {"features": features, "h": zeros.clone(), "c": zeros.clone()}
+        return {"image": self.image_embed(self.norm(features)), "h": zeros.clone(), "c": zeros.clone()}
 
     def step(self, tokens, state):
-        x = self._inputs(state["features"], tokens.unsqueeze(1))
+        x = self._inputs(state["image"], tokens.unsqueeze(1))
         # nn.LSTM keeps (layers, batch, hidden); store batch first so search can reorder every entry alike.
         h, c = state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous()
         out, (h, c) = self.lstm(x, (h, c))
-        new = {"features": state["features"], "h": h.transpose(0, 1), "c": c.transpose(0, 1)}
+        new = {"image": state["image"], "h": h.transpose(0, 1), "c": c.transpose(0, 1)}
         return self.out(out[:, 0]), new, None
 
 
@@ -100,8 +104,13 @@ class AttentionDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        c, e, h, a = cfg.feat_dim, cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
-        self.norm = FeatureNorm(c)
+        e, h, a = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
+        self.norm = FeatureNorm(cfg.feat_dim)
+        # Projecting the (1280- or 2048-channel) grid once per image makes every word's attention and LSTM
+        # input several times cheaper; on a CPU that is most of an epoch's time.
+        c = cfg.context_dim or cfg.feat_dim
+        self.project = (nn.Sequential(nn.Linear(cfg.feat_dim, c), nn.ReLU(), nn.Dropout(cfg.dropout))
+                        if cfg.context_dim else nn.Identity())
         self.enc_att, self.dec_att, self.full_att = nn.Linear(c, a), nn.Linear(h, a), nn.Linear(a, 1)
         self.init_h, self.init_c = nn.Linear(c, h), nn.Linear(c, h)
         self.gate = nn.Linear(h, c)
@@ -111,7 +120,7 @@ class AttentionDecoder(nn.Module):
         self.out = nn.Linear(h, cfg.vocab_size)
 
     def init_state(self, features):
-        feats = self.norm(features)                                     # [B, P, C]
+        feats = self.project(self.norm(features))                       # [B, P, C]
         mean = feats.mean(1)
         return {"feats": feats, "proj": self.enc_att(feats),
                 "h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean))}
@@ -128,24 +137,30 @@ class AttentionDecoder(nn.Module):
         new = dict(state, h=h, c=c)
         return self.out(self.drop(h)), new, alpha
 
-    def forward(self, features, captions, lengths):
+    def forward(self, features, captions, lengths, image_index=None):
         """Teacher-forced pass. Captions are sorted longest first so that step t runs only on the rows
-        still inside their caption: no compute on padding."""
-        order = lengths.argsort(descending=True)
-        features, captions, steps = features[order], captions[order], (lengths[order] - 1).tolist()
+        still inside their caption: no compute on padding. With `image_index`, `features` hold each image
+        once (its projections are computed once for all its captions)."""
         state = self.init_state(features)
+        if image_index is not None:
+            state = {k: v[image_index] for k, v in state.items()}
+        order = lengths.argsort(descending=True)
+        state = {k: v[order] for k, v in state.items()}
+        captions, steps = captions[order], (lengths[order] - 1).tolist()
         emb = self.embed(captions[:, :-1])
-        logits, targets, alphas = [], [], features.new_zeros(len(steps), steps[0], features.shape[1])
+        hidden, targets = [], []
+        alphas = features.new_zeros(len(steps), steps[0], state["feats"].shape[1])
         for t in range(steps[0]):
             n = sum(s > t for s in steps)                               # rows still running at step t
             state = {k: v[:n] for k, v in state.items()}
             context, alpha = self._attend(state)
             h, c = self.cell(torch.cat([emb[:n, t], context], -1), (state["h"], state["c"]))
             state.update(h=h, c=c)
-            logits.append(self.out(self.drop(h)))
+            hidden.append(h)
             targets.append(captions[:n, t + 1])
             alphas[:n, t] = alpha
-        return torch.cat(logits), torch.cat(targets), alphas
+        # One vocabulary projection for all steps: a single large matrix product beats many small ones.
+        return self.out(self.drop(torch.cat(hidden))), torch.cat(targets), alphas
 
     @staticmethod
     def attention_penalty(alphas):

@@ -84,17 +84,12 @@ def _columns(text):
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def _wrap(captions, width):
-    lines = []
-    numbered = len(captions) > 1
-    for i, caption in enumerate(captions, 1):
-        prefix = f"{i}. " if numbered else ""
-        # textwrap counts characters; shrink its width for wide (CJK) text so lines fit on screen.
-        ratio = _columns(caption) / max(len(caption), 1)
-        w = max(8, int(width / ratio))
-        lines += textwrap.wrap(caption, w, initial_indent=prefix,
-                               subsequent_indent=" " * (len(prefix) + 1 if prefix else 0)) or [prefix]
-    return lines
+def _wrap(caption, prefix, width):
+    # textwrap counts characters; shrink its width for wide (CJK) text so lines fit on screen.
+    ratio = max(_columns(caption), 1) / max(len(caption), 1)
+    indent = " " * (len(prefix) + 1) if prefix else ""
+    return textwrap.wrap(caption, max(8, int(width / ratio)), initial_indent=prefix,
+                         subsequent_indent=indent) or [prefix]
 
 
 @_quiet
@@ -115,14 +110,21 @@ def save_captioned_image(image, caption, path):
     # Guess how many characters fit, then measure and tighten until the widest line really fits:
     # proportional fonts make a character count only an estimate ("WWW" is wider than "iii").
     avail_px = (fig_w - 2 * margin) * DPI
-    width = int((fig_w - 2 * margin) * 72 / (CAPTION_FONT * 0.55))
+    guess = int((fig_w - 2 * margin) * 72 / (CAPTION_FONT * 0.55))
     renderer = fig.canvas.get_renderer()
-    for _ in range(8):
-        text.set_text("\n".join(_wrap(captions, width)))
-        box = text.get_window_extent(renderer=renderer)
-        if box.width <= avail_px or width <= 8:
-            break
-        width = max(8, int(width * avail_px / box.width) - 1)
+    lines = []
+    for i, cap in enumerate(captions, 1):
+        prefix, width = (f"{i}. " if len(captions) > 1 else ""), guess
+        for _ in range(8):
+            wrapped = _wrap(cap, prefix, width)
+            text.set_text("\n".join(wrapped))
+            box = text.get_window_extent(renderer=renderer)
+            if box.width <= avail_px or width <= 8:
+                break
+            width = max(8, int(width * avail_px / box.width) - 1)
+        lines += wrapped
+    text.set_text("\n".join(lines))
+    box = text.get_window_extent(renderer=renderer)
     text_h = box.height / DPI
 
     gap = 0.2
@@ -181,13 +183,14 @@ def save_attention_map(image, words, alphas, path, cols=5):
     cell_w = 2.6
     pw, ph = _fit(panel, cell_w - 0.2, 2.6)
     cell_h = ph + 0.55                           # room for the word above each panel
-    title_h = 0.7
-    fig_w, fig_h = cols * cell_w, rows * cell_h + title_h
-    fig = _new_figure(fig_w, fig_h)
+    fig_w = cols * cell_w
     sentence = " ".join(words) if words else "(no words)"
     chars = max(20, int(fig_w * 72 / (14 * 0.55)))
-    fig.text(0.5, 1 - 0.15 / fig_h, "\n".join(textwrap.wrap(sentence, chars)[:2]), ha="center", va="top",
-             fontsize=14, parse_math=False)
+    heading = textwrap.wrap(sentence, chars)[:3]
+    title_h = 0.25 + 0.3 * len(heading)
+    fig_h = rows * cell_h + title_h
+    fig = _new_figure(fig_w, fig_h)
+    fig.text(0.5, 1 - 0.15 / fig_h, "\n".join(heading), ha="center", va="top", fontsize=14, parse_math=False)
 
     photo = np.asarray(panel)
     for i in range(n):
@@ -227,6 +230,8 @@ def save_training_curves(history, path):
     fig = _new_figure(6.5 * panels, 4.5)
     axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
     best = [e.get("epoch", i + 1) for i, e in enumerate(history) if e.get("best")]
+    epochs = [e.get("epoch", i + 1) for i, e in enumerate(history)]
+    epochs = [x for x in epochs if isinstance(x, (int, float))]
 
     plots = [("loss", [("train_loss", "train"), ("val_loss", "validation")])]
     if metrics:
@@ -243,6 +248,9 @@ def save_training_curves(history, path):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs and max(epochs) - min(epochs) < 2:
+            # One or two epochs: give the axis room, or matplotlib ticks fractions of an epoch.
+            ax.set_xlim(min(epochs) - 1, max(epochs) + 1)
         ax.grid(alpha=0.3)
         if drawn or best:
             ax.legend()

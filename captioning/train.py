@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import load_checkpoint, models_dir, save_checkpoint
 from .datasets import load_dataset
-from .encoders import EncoderSpec
+from .encoders import EncoderSpec, concrete_spec
 from .evaluate import score_captions
 from .features import ExtractConfig, extract_features, pick_device
 from .models import AttentionDecoder, ModelConfig, build_decoder, caption_loss
@@ -64,21 +64,33 @@ def encode_split(records, vocab, row_of, max_words):
     return CaptionData(tokens, torch.tensor([len(s) for s in seqs]), torch.tensor(rows))
 
 
-def length_buckets(lengths, batch_size, generator):
-    """Batches of captions of (nearly) equal length, in random order: shuffle, stable-sort by length,
-    cut into batches, shuffle the batches."""
-    perm = torch.randperm(len(lengths), generator=generator)
-    order = perm[torch.sort(lengths[perm], stable=True).indices]
-    batches = list(torch.split(order, batch_size))
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+def image_batches(rows, batch_size, generator):
+    """Batches of about `batch_size` captions made of whole images: all captions of a few random images.
+
+    The image-side work (feature projection, attention keys) then runs once per image instead of once per
+    caption — 5x less of the costliest part on Flickr8k and COCO. Padding costs nothing either way: the
+    decoders skip padded positions (packed sequences, shrinking batches)."""
+    uniq, inverse = torch.unique(rows, return_inverse=True)
+    per_batch = max(1, round(batch_size * len(uniq) / len(rows)))
+    by_image = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=len(uniq))
+    groups = torch.split(by_image, counts.tolist())
+    order = torch.randperm(len(uniq), generator=generator).tolist()
+    return [torch.cat([groups[i] for i in order[j:j + per_batch]]) for j in range(0, len(order), per_batch)]
+
+
+def load_unique(store, rows, grid, device):
+    """Features of each distinct image in `rows` once, plus the index mapping rows to them.
+    Reads from the memory-mapped cache in sorted order (sequential on disk)."""
+    uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
+    array = np.ascontiguousarray((store.grid if grid else store.pooled)[uniq])
+    return torch.from_numpy(array).to(device), torch.from_numpy(inverse.reshape(-1)).to(device)
 
 
 def load_features(store, rows, grid, device):
-    """Feature rows from the memory-mapped cache (sorted reads are sequential on disk)."""
-    idx = rows.numpy()
-    uniq, inverse = np.unique(idx, return_inverse=True)
-    array = (store.grid if grid else store.pooled)[uniq]
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)[torch.from_numpy(inverse).to(device)]
+    """Features for each of `rows` (repeated rows repeated)."""
+    feats, index = load_unique(store, rows, grid, device)
+    return feats[index]
 
 
 def feature_stats(store, rows, grid):
@@ -93,8 +105,8 @@ def feature_stats(store, rows, grid):
     return mean, np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
 
 
-def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig):
-    logits, targets, alphas = decoder(feats, batch_tokens, batch_lengths)
+def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig, image_index=None):
+    logits, targets, alphas = decoder(feats, batch_tokens, batch_lengths, image_index)
     loss = caption_loss(logits, targets, cfg.label_smoothing)
     if alphas is not None and cfg.att_reg:
         loss = loss + cfg.att_reg * AttentionDecoder.attention_penalty(alphas)
@@ -105,9 +117,10 @@ def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig):
 def validation_loss(decoder, store, data, cfg, device):
     decoder.eval()
     total, count = 0.0, 0
-    for idx in torch.split(torch.argsort(data.lengths), 256):
-        feats = load_features(store, data.rows[idx], decoder.uses_grid, device)
-        logits, targets, _ = decoder(feats, data.tokens[idx].to(device), data.lengths[idx].to(device))
+    for idx in image_batches(data.rows, 320, torch.Generator().manual_seed(0)):
+        feats, index = load_unique(store, data.rows[idx], decoder.uses_grid, device)
+        width = int(data.lengths[idx].max())
+        logits, targets, _ = decoder(feats, data.tokens[idx, :width].to(device), data.lengths[idx].to(device), index)
         total += float(caption_loss(logits, targets)) * len(targets)
         count += len(targets)
     return total / max(count, 1)
@@ -159,6 +172,7 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
         epochs = cfg.epochs
         cfg = TrainConfig(**{**ckpt["train_config"], "model": ModelConfig(**ckpt["model_config"])})
         cfg.epochs = epochs
+    spec = concrete_spec(spec)
     _, records, store = prepare(data_dir, workdir, spec, extract_cfg)
     splits = {s: [r for r in records if r.split == s] for s in ("train", "val")}
     if not splits["train"] or not splits["val"]:
@@ -238,15 +252,15 @@ def save_curves(history, path):
 
 def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch):
     decoder.train()
-    batches = length_buckets(data.lengths, cfg.batch_size, generator)
+    batches = image_batches(data.rows, cfg.batch_size, generator)
     total, count = 0.0, 0
     with make_progress(transient=True) as bar:
         task = add_task(bar, f"Epoch {epoch}/{cfg.epochs}", len(batches), unit="batch")
         for idx in batches:
-            feats = load_features(store, data.rows[idx], decoder.uses_grid, device)
+            feats, index = load_unique(store, data.rows[idx], decoder.uses_grid, device)
             width = int(data.lengths[idx].max())
             loss, n = decoder_loss(decoder, feats, data.tokens[idx, :width].to(device),
-                                   data.lengths[idx].to(device), cfg)
+                                   data.lengths[idx].to(device), cfg, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip)

@@ -10,19 +10,34 @@ from collections import Counter
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]
 PAD, START, END, UNK = 0, 1, 2, 3
 
-# Characters kept inside words: letters (L*), combining marks (M*, e.g. accents after NFKC) and numbers (N*).
-# Everything else (punctuation, symbols, emoji, control characters) separates words, so "t-shirt" → "t shirt"
-# and Flickr8k's pre-tokenised "dog 's" reads the same as raw "dog's".
+# Characters kept inside words: letters (L*), combining marks (M*, e.g. accents after NFKC) and numbers (N*),
+# plus hyphens and apostrophes between letters. Everything else separates words. The result follows the PTB
+# tokenizer that caption metrics use: "t-shirt" stays one word, and "dog's" and Flickr8k's pre-tokenised
+# "dog 's" both become "dog" "'s" — so a generated caption scores against references word for word.
 _KEEP = ("L", "M", "N")
+_INNER = "-'"
+_CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
+
+
+def _split_clitic(token):
+    for clitic in _CLITICS:
+        if token.endswith(clitic) and len(token) > len(clitic):
+            return [token[:-len(clitic)], clitic]
+    return [token]
 
 
 def tokenize(text):
     """Lower-cased words of `text`: NFKC-normalised, punctuation and symbols removed, split on whitespace."""
     # NFKC first so that look-alikes (full-width letters, ligatures like "ﬁ", "①") become plain characters
     # and two spellings of the same caption give the same tokens.
-    text = unicodedata.normalize("NFKC", text).lower()
-    chars = [c if unicodedata.category(c)[0] in _KEEP else " " for c in text]
-    return "".join(chars).split()
+    text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
+    chars = [c if unicodedata.category(c)[0] in _KEEP or c in _INNER else " " for c in text]
+    tokens = []
+    for raw in "".join(chars).split():
+        token = raw if raw in _CLITICS else raw.strip(_INNER)
+        if token and any(unicodedata.category(c)[0] in _KEEP for c in token):
+            tokens += _split_clitic(token)
+    return tokens
 
 
 class Vocabulary:

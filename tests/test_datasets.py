@@ -1,0 +1,353 @@
+"""Dataset loading: every layout, splits, and the failures a user can meet. All on tiny generated files."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioning import datasets
+from captioning.datasets import download_dataset, load_dataset
+from captioning.utils import CaptioningError
+
+FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+
+
+def jpeg(path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path, format="JPEG")
+    return path
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def coco_name(i):
+    return f"COCO_train2014_{i:012d}.jpg"
+
+
+def make_mini_coco(root, ids=(9, 25, 30, 34, 36), per_image=2):
+    caps = [{"image_id": i, "caption": f"A picture number {i} variant {k} "} for i in ids for k in range(per_image)]
+    write_json(root / "captions.json", caps)
+    for i in ids:
+        jpeg(root / "Images" / coco_name(i))
+    return root
+
+
+def make_flickr(root, names, splits=None):
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    lines = ["image,caption"]
+    for n in names:
+        jpeg(root / "Images" / n)
+        lines += [f'{n},"A dog , a ball and a beach ."', f"{n},A dog runs on the beach ."]
+    (root / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for split, listed in (splits or {}).items():
+        (root / "splits").mkdir(exist_ok=True)
+        (root / "splits" / f"Flickr_8k.{split}Images.txt").write_text("\n".join(listed) + "\n")
+    return root
+
+
+def by_name(dataset):
+    return {r.image.name: r for r in dataset.records}
+
+
+# ---- layouts -------------------------------------------------------------------------------------------
+
+def test_mini_coco_list(tmp_path):
+    make_mini_coco(tmp_path)
+    d = load_dataset(tmp_path)
+    assert d.layout == "mini-coco" and d.root == tmp_path and d.missing == 0
+    assert len(d.records) == 5
+    r = by_name(d)[coco_name(9)]
+    assert r.image.is_absolute() and r.image.exists()
+    assert r.captions == ["A picture number 9 variant 0", "A picture number 9 variant 1"]  # stripped, in order
+    assert [str(r.image) for r in d.records] == sorted(str(r.image) for r in d.records)
+    assert {r.split for r in d.records} <= {"train", "val", "test"}
+
+
+def test_mini_coco_as_coco_dict(tmp_path):
+    write_json(tmp_path / "captions.json", {
+        "images": [{"id": 9, "file_name": coco_name(9)}, {"id": 25, "file_name": coco_name(25)}],
+        "annotations": [{"image_id": 9, "caption": "a cat"}, {"image_id": 25, "caption": "a dog"},
+                        {"image_id": 9, "caption": "a small cat."}]})
+    jpeg(tmp_path / "Images" / coco_name(9))
+    jpeg(tmp_path / "Images" / coco_name(25))
+    d = load_dataset(tmp_path)
+    assert d.layout == "mini-coco"
+    assert by_name(d)[coco_name(9)].captions == ["a cat", "a small cat."]
+
+
+def test_flickr8k_csv_with_quoted_commas(tmp_path):
+    make_flickr(tmp_path, ["1000_a.jpg", "1001_b.jpg", "1002_c.jpg"])
+    # An unquoted caption with a comma keeps all its text; a BOM at the start is ignored.
+    text = (tmp_path / "captions.txt").read_text()
+    (tmp_path / "captions.txt").write_text("\ufeff" + text + "1002_c.jpg,two dogs , one ball\n", encoding="utf-8")
+    d = load_dataset(tmp_path)
+    assert d.layout == "flickr8k" and len(d.records) == 3
+    assert by_name(d)["1000_a.jpg"].captions == ["A dog , a ball and a beach .", "A dog runs on the beach ."]
+    assert by_name(d)["1002_c.jpg"].captions[-1] == "two dogs , one ball"
+
+
+def test_karpathy_with_restval_and_filepath(tmp_path):
+    images = [
+        {"filepath": "train2014", "filename": "a.jpg", "split": "train", "sentences": [{"raw": "A cat. "}]},
+        {"filepath": "val2014", "filename": "b.jpg", "split": "restval", "sentences": [{"raw": "A dog."}]},
+        {"filepath": "val2014", "filename": "c.jpg", "split": "val", "sentences": [{"tokens": ["a", "bird"]}]},
+        {"filename": "d.jpg", "split": "test", "sentences": [{"raw": "A fish."}, {"raw": "  "}]},
+    ]
+    write_json(tmp_path / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    jpeg(tmp_path / "train2014" / "a.jpg")
+    jpeg(tmp_path / "val2014" / "b.jpg")
+    jpeg(tmp_path / "Images" / "val2014" / "c.jpg")  # filepath joined under root/Images too
+    jpeg(tmp_path / "Images" / "d.jpg")
+    d = load_dataset(tmp_path)
+    assert d.layout == "karpathy" and d.missing == 0
+    assert {n: r.split for n, r in by_name(d).items()} == {"a.jpg": "train", "b.jpg": "train", "c.jpg": "val",
+                                                         "d.jpg": "test"}
+    assert by_name(d)["c.jpg"].captions == ["a bird"]
+    assert by_name(d)["d.jpg"].captions == ["A fish."]
+
+
+@pytest.mark.parametrize("image_dir", ["train2014", "Images", "."])
+def test_official_coco_captions(tmp_path, image_dir):
+    write_json(tmp_path / "annotations" / "captions_train2014.json", {
+        "info": {}, "licenses": [],
+        "images": [{"id": 9, "file_name": coco_name(9), "width": 8, "height": 8},
+                   {"id": 25, "file_name": coco_name(25)}],
+        "annotations": [{"id": 1, "image_id": 9, "caption": "A cat."}, {"id": 2, "image_id": 25, "caption": "A dog"}]})
+    jpeg(tmp_path / image_dir / coco_name(9))
+    jpeg(tmp_path / image_dir / coco_name(25))
+    d = load_dataset(tmp_path)
+    assert d.layout == "coco" and len(d.records) == 2 and d.missing == 0
+    # The annotation file itself is accepted too.
+    assert len(load_dataset(tmp_path / "annotations" / "captions_train2014.json").records) == 2
+
+
+def test_nested_one_level_down(tmp_path):
+    make_mini_coco(tmp_path / "mini-coco2014")
+    d = load_dataset(tmp_path)
+    assert d.root == tmp_path / "mini-coco2014" and len(d.records) == 5
+
+
+def test_two_nested_datasets_is_an_error(tmp_path):
+    make_mini_coco(tmp_path / "one")
+    make_mini_coco(tmp_path / "two")
+    with pytest.raises(CaptioningError, match="several"):
+        load_dataset(tmp_path)
+
+
+# ---- splits --------------------------------------------------------------------------------------------
+
+def test_official_split_files(tmp_path):
+    names = [f"{i}_x.jpg" for i in range(6)]
+    make_flickr(tmp_path, names, splits={"train": names[:3], "dev": names[3:4], "test": names[4:5]})
+    d = load_dataset(tmp_path)
+    splits = {n: r.split for n, r in by_name(d).items()}
+    assert splits == {names[0]: "train", names[1]: "train", names[2]: "train", names[3]: "val", names[4]: "test"}
+    assert d.unsplit == 1  # names[5] is in no split file
+    assert [r.image.name for r in d.split("dev")] == [names[3]]
+
+
+def test_hash_split_by_image_is_deterministic_and_stable(tmp_path):
+    names = [f"{1000 + i}_img.jpg" for i in range(200)]
+    make_flickr(tmp_path, names)
+    first, again = load_dataset(tmp_path), load_dataset(tmp_path)
+    assert [(r.image, r.split) for r in first.records] == [(r.image, r.split) for r in again.records]
+    images = [r.image for r in first.records]
+    assert len(images) == len(set(images)) == 200  # one record, hence one split, per image
+    sizes = {s: len(first.split(s)) for s in ("train", "val", "test")}
+    assert sizes["val"] > 0 and sizes["test"] > 0 and sizes["train"] > 150
+    # Adding images does not move the old ones: the split depends on the file name only.
+    make_flickr(tmp_path, names + [f"{5000 + i}_new.jpg" for i in range(50)])
+    grown = by_name(load_dataset(tmp_path))
+    assert all(grown[r.image.name].split == r.split for r in first.records)
+
+
+def test_tiny_dataset_still_has_val_and_test(tmp_path):
+    make_mini_coco(tmp_path, ids=(1, 2, 3))
+    d = load_dataset(tmp_path)
+    assert sorted(r.split for r in d.records) == ["test", "train", "val"]
+
+
+def test_unknown_split_name(tmp_path):
+    d = load_dataset(make_mini_coco(tmp_path))
+    with pytest.raises(CaptioningError, match="train, val, test"):
+        d.split("holdout")
+
+
+# ---- skipping and errors -------------------------------------------------------------------------------
+
+def test_missing_images_are_skipped_and_counted(tmp_path):
+    make_mini_coco(tmp_path)
+    (tmp_path / "Images" / coco_name(25)).unlink()
+    (tmp_path / "Images" / coco_name(30)).unlink()
+    d = load_dataset(tmp_path)
+    assert d.missing == 2 and len(d.records) == 3
+    assert coco_name(25) not in by_name(d)
+
+
+def test_empty_captions_dropped(tmp_path):
+    write_json(tmp_path / "captions.json", [
+        {"image_id": 1, "caption": "a cat "}, {"image_id": 1, "caption": "   "}, {"image_id": 1, "caption": ""},
+        {"image_id": 2, "caption": " \t "}, {"image_id": 3, "caption": "a dog"}, {"image_id": 4, "caption": "a cow"}])
+    for i in (1, 2, 3, 4):
+        jpeg(tmp_path / "Images" / coco_name(i))
+    d = load_dataset(tmp_path)
+    assert by_name(d)[coco_name(1)].captions == ["a cat"]
+    assert coco_name(2) not in by_name(d)  # no caption left: the image goes too
+    assert len(d.records) == 3
+
+
+def test_unknown_layout_lists_known_layouts(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    jpeg(tmp_path / "photo.jpg")
+    with pytest.raises(CaptioningError) as e:
+        load_dataset(tmp_path)
+    for layout in ("mini-coco", "flickr8k", "karpathy", "coco"):
+        assert layout in str(e.value)
+
+
+def test_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(CaptioningError, match="does not exist"):
+        load_dataset(tmp_path / "nowhere")
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    (tmp_path / "captions.json").write_text('[\n  {"image_id": 1, "caption": "a"},\n  {"image_id": 2,, }\n]')
+    with pytest.raises(CaptioningError) as e:
+        load_dataset(tmp_path)
+    assert "captions.json" in str(e.value) and "line 3" in str(e.value)
+
+
+def test_json_of_the_wrong_shape_names_the_entry(tmp_path):
+    write_json(tmp_path / "captions.json", [{"image_id": 1, "caption": "a"}, {"id": 2, "text": "b"}])
+    with pytest.raises(CaptioningError, match="captions.json: entry 1"):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("bad, line", [('b.jpg,"an unterminated quote\n', 3), ("c.jpg\n", 3)])
+def test_malformed_csv_names_file_and_line(tmp_path, bad, line):
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,a cat\n" + bad)
+    with pytest.raises(CaptioningError) as e:
+        load_dataset(tmp_path)
+    assert "captions.txt" in str(e.value) and f"line {line}" in str(e.value)
+
+
+def test_csv_without_header(tmp_path):
+    (tmp_path / "captions.txt").write_text("a.jpg,a cat\n")
+    with pytest.raises(CaptioningError, match="line 1"):
+        load_dataset(tmp_path)
+
+
+def test_empty_dataset(tmp_path):
+    write_json(tmp_path / "captions.json", [])
+    (tmp_path / "Images").mkdir()
+    with pytest.raises(CaptioningError, match="No captioned images"):
+        load_dataset(tmp_path)
+
+
+def test_all_images_missing_says_so(tmp_path):
+    make_mini_coco(tmp_path)
+    for p in (tmp_path / "Images").iterdir():
+        p.unlink()
+    with pytest.raises(CaptioningError, match="5 images listed but none found"):
+        load_dataset(tmp_path)
+
+
+# ---- download (kagglehub patched: tests never touch the network) ---------------------------------------
+
+@pytest.fixture
+def kaggle(monkeypatch, tmp_path):
+    import kagglehub
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kaggle-cache"))
+    calls = []
+
+    def patch(fn):
+        def fake(handle, path=None, *, force_download=False, output_dir=None):
+            calls.append((handle, force_download))
+            return fn(handle)
+        monkeypatch.setattr(kagglehub, "dataset_download", fake)
+        return calls
+    return patch
+
+
+def test_download_success(tmp_path, kaggle):
+    folder = tmp_path / "versions" / "1"
+    make_flickr(folder / "flickr8k", ["1_a.jpg", "2_b.jpg", "3_c.jpg"])  # nested, as Kaggle folders often are
+    calls = kaggle(lambda handle: str(folder))
+    assert download_dataset("flickr8k", force=True) == folder
+    assert calls == [("adityajn105/flickr8k", True)]
+
+
+def test_download_connection_error(kaggle):
+    import requests
+
+    def fail(handle):
+        raise requests.exceptions.ConnectionError("Max retries exceeded")
+    kaggle(fail)
+    with pytest.raises(CaptioningError, match="internet connection"):
+        download_dataset("mini-coco")
+
+
+def test_download_offline_uses_cached_version(tmp_path, kaggle):
+    import requests
+    cached = tmp_path / "kaggle-cache" / "datasets" / datasets.HANDLES["mini-coco"] / "versions" / "2"
+    make_mini_coco(cached)
+
+    def offline(handle):
+        if handle.endswith("/versions/2"):
+            return str(cached)
+        raise requests.exceptions.ConnectionError("offline")
+    kaggle(offline)
+    assert download_dataset("mini-coco") == cached
+
+
+def test_download_http_error_reports_status(kaggle):
+    import requests
+    from kagglehub.exceptions import KaggleApiHTTPError
+
+    def refuse(handle):
+        response = requests.Response()
+        response.status_code = 403
+        raise KaggleApiHTTPError("403 Client Error.\n\nYou don't have permission", response=response)
+    kaggle(refuse)
+    with pytest.raises(CaptioningError, match="403") as e:
+        download_dataset("flickr8k")
+    assert "\n" not in str(e.value)
+
+
+def test_download_other_failure_is_one_line(kaggle):
+    def broken(handle):
+        raise OSError("No space left on device\nmore detail")
+    kaggle(broken)
+    with pytest.raises(CaptioningError, match="No space left on device") as e:
+        download_dataset("flickr8k")
+    assert "\n" not in str(e.value)
+
+
+def test_download_that_does_not_load(tmp_path, kaggle):
+    half = tmp_path / "half"
+    (half / "Images").mkdir(parents=True)
+    kaggle(lambda handle: str(half))
+    with pytest.raises(CaptioningError, match="--force"):
+        download_dataset("flickr8k")
+
+
+def test_download_unknown_name():
+    with pytest.raises(CaptioningError, match="mini-coco, flickr8k"):
+        download_dataset("imagenet")
+
+
+# ---- the real thing, where present ---------------------------------------------------------------------
+
+def test_real_flickr8k_official_splits():
+    if not (FLICKR8K / "captions.txt").exists():
+        pytest.skip(f"no Flickr8k at {FLICKR8K}")
+    d = load_dataset(FLICKR8K)
+    assert d.layout == "flickr8k" and d.missing == 0
+    assert [len(d.split(s)) for s in ("train", "val", "test")] == [6000, 1000, 1000]
+    assert all(len(r.captions) == 5 for r in d.records)

@@ -1,0 +1,60 @@
+"""Decoders: shapes, the packed/sorted training pass against a plain step-by-step pass, attention sums."""
+import torch
+
+from captioning.models import AttentionDecoder, ModelConfig, build_decoder, caption_loss
+from captioning.vocab import END, PAD, START
+
+
+def make_batch(b=5, vocab=20, cells=6, channels=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([7, 3, 5, 4, 7][:b])
+    captions = torch.full((b, int(lengths.max())), PAD)
+    for i, n in enumerate(lengths.tolist()):
+        captions[i, 0], captions[i, n - 1] = START, END
+        captions[i, 1:n - 1] = torch.randint(4, vocab, (n - 2,), generator=g)
+    grid = torch.randn(b, cells, channels, generator=g)
+    return grid, captions, lengths
+
+
+def stepwise_loss(decoder, features, captions, lengths):
+    """Reference: run `step` one token at a time per caption, no packing, no sorting."""
+    logits, targets = [], []
+    for i in range(len(lengths)):
+        state = decoder.init_state(features[i:i + 1])
+        for t in range(int(lengths[i]) - 1):
+            out, state, _ = decoder.step(captions[i:i + 1, t], state)
+            logits.append(out)
+            targets.append(captions[i, t + 1:t + 2])
+    return caption_loss(torch.cat(logits), torch.cat(targets))
+
+
+def test_training_pass_equals_step_by_step_for_both_decoders():
+    grid, captions, lengths = make_batch()
+    for name, feats in (("lstm", grid.mean(1)), ("attention", grid)):
+        torch.manual_seed(0)
+        decoder = build_decoder(ModelConfig(decoder=name, vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16,
+                                            attention_dim=8, dropout=0.0)).eval()
+        logits, targets, _ = decoder(feats, captions, lengths)
+        assert len(targets) == int((lengths - 1).sum())  # no padded position is projected
+        fast = caption_loss(logits, targets)
+        assert torch.allclose(fast, stepwise_loss(decoder, feats, captions, lengths), atol=1e-5), name
+
+
+def test_attention_weights_sum_to_one_and_padding_gets_none():
+    grid, captions, lengths = make_batch()
+    decoder = AttentionDecoder(ModelConfig(decoder="attention", vocab_size=20, feat_dim=8, embed_dim=16,
+                                           hidden_dim=16, attention_dim=8)).eval()
+    _, _, alphas = decoder(grid, captions, lengths)
+    steps = (lengths.sort(descending=True).values - 1)
+    for i, n in enumerate(steps.tolist()):
+        assert torch.allclose(alphas[i, :n].sum(-1), torch.ones(n), atol=1e-5)
+        assert alphas[i, n:].abs().sum() == 0
+    penalty = AttentionDecoder.attention_penalty(alphas)
+    assert penalty.item() >= 0
+
+
+def test_feature_norm_standardises():
+    decoder = build_decoder(ModelConfig(decoder="lstm", vocab_size=10, feat_dim=3))
+    decoder.norm.set_stats([1.0, 2.0, 3.0], [2.0, 2.0, 0.0])
+    out = decoder.norm(torch.tensor([[3.0, 2.0, 3.0]]))
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0, 0.0]]))  # std 0 is clamped, not a division by zero

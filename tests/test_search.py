@@ -1,0 +1,60 @@
+"""Beam and greedy search on real trained models: optimality against greedy, constraints, batching."""
+import torch
+
+from captioning.captioner import Captioner
+from captioning.search import SearchConfig, _banned_trigrams, beam_search, greedy_search, sequence_logprob
+from captioning.train import load_features, prepare
+from captioning.vocab import UNK
+
+
+def test_trigram_mask():
+    seqs = torch.tensor([[5, 6, 7, 5, 6], [5, 6, 7, 8, 9]])
+    banned = _banned_trigrams(seqs, 10)
+    assert banned[0].nonzero().flatten().tolist() == [7]   # "5 6 7" seen, sequence ends "5 6"
+    assert not banned[1].any()
+
+
+def _test_feats(model, shapes_data, n=16):
+    workdir, best = model
+    captioner = Captioner.load(best, device="cpu")
+    from captioning.features import ExtractConfig
+    _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))
+    rows = torch.tensor([store.row_of()[str(r.image)] for r in records if r.split == "test"][:n])
+    return captioner, load_features(store, rows, captioner.decoder.uses_grid, captioner.device)
+
+
+def test_beam_finds_at_least_greedy_logprob(attention_model, lstm_model, shapes_data):
+    for model in (attention_model, lstm_model):
+        captioner, feats = _test_feats(model, shapes_data)
+        decoder = captioner.decoder
+        greedy = greedy_search(decoder, feats, block_trigrams=False)
+        beams = beam_search(decoder, feats, SearchConfig(beam_size=4, length_alpha=0.0, block_trigrams=False))
+        for i, (g, b) in enumerate(zip(greedy, beams)):
+            lp_g = sequence_logprob(decoder, feats[i:i + 1], g.tokens)
+            lp_b = sequence_logprob(decoder, feats[i:i + 1], b[0].tokens)
+            assert abs(lp_b - b[0].logprob) < 1e-3          # the score search reports is the model's
+            assert lp_b >= lp_g - 1e-4
+
+
+def test_batched_beam_equals_one_image_at_a_time(attention_model, shapes_data):
+    captioner, feats = _test_feats(attention_model, shapes_data, n=6)
+    cfg = SearchConfig(beam_size=3)
+    batched = beam_search(captioner.decoder, feats, cfg)
+    for i in range(len(feats)):
+        single = beam_search(captioner.decoder, feats[i:i + 1], cfg)[0]
+        assert single[0].tokens == batched[i][0].tokens
+        assert abs(single[0].score - batched[i][0].score) < 1e-4
+
+
+def test_constraints_num_captions_and_attention(attention_model, shapes_data):
+    captioner, feats = _test_feats(attention_model, shapes_data, n=4)
+    cfg = SearchConfig(beam_size=5, num_captions=3, max_len=12)
+    results = beam_search(captioner.decoder, feats, cfg, keep_alphas=True)
+    for hyps in results:
+        assert len(hyps) == 3
+        assert len({tuple(h.tokens) for h in hyps}) == 3                # distinct
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:
+            assert UNK not in h.tokens and 1 <= len(h.tokens) <= 11
+            assert h.alphas.shape[0] >= len(h.tokens)
+            assert torch.allclose(h.alphas.sum(-1), torch.ones(h.alphas.shape[0]), atol=1e-4)

@@ -1,0 +1,107 @@
+"""Training for real on the synthetic shapes: it learns, checkpoints are complete, resume is exact."""
+import shutil
+
+import pytest
+import torch
+
+from captioning.captioner import Captioner
+from captioning.datasets import load_dataset
+from captioning.demo import caption_is_right
+from captioning.search import SearchConfig
+from captioning.synthetic import shapes_truth, truth_for_image
+from tests.conftest import run_training
+
+
+def held_out_captions(best, data):
+    captioner = Captioner.load(best, device="cpu")
+    test = load_dataset(data).split("test")
+    from captioning.encoders import load_image
+    results = captioner.caption_pil([load_image(r.image) for r in test], SearchConfig(beam_size=3))
+    truth = shapes_truth(data)
+    return [(r.captions[0], truth_for_image(truth, rec.image)) for r, rec in zip(results, test)]
+
+
+def test_attention_decoder_learns_the_shapes(attention_model, shapes_data):
+    _, best = attention_model
+    ckpt = torch.load(best, weights_only=True)
+    history = ckpt["history"]
+    assert history[-1]["val_loss"] < 0.6 * history[0]["val_loss"]
+    pairs = held_out_captions(best, shapes_data)
+    right = sum(caption_is_right(c, t) for c, t in pairs) / len(pairs)
+    assert right >= 0.7, pairs
+
+
+def test_lstm_decoder_learns_colours_and_shapes(lstm_model, shapes_data):
+    _, best = lstm_model
+    history = torch.load(best, weights_only=True)["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    pairs = held_out_captions(best, shapes_data)
+    right = sum(t["colour"] in c.split() and t["shape"] in c.split() for c, t in pairs) / len(pairs)
+    assert right >= 0.7, pairs
+
+
+def test_checkpoint_is_complete_and_plain(attention_model):
+    workdir, best = attention_model
+    ckpt = torch.load(best, weights_only=True)       # no pickle of arbitrary objects
+    assert ckpt["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert ckpt["model_config"]["vocab_size"] == len(ckpt["vocab"])
+    assert ckpt["encoder"]["name"] == "resnet18" and ckpt["encoder"]["weights"] is None
+    assert {"train_loss", "val_loss", "BLEU-4", "CIDEr-D", "lr"} <= set(ckpt["history"][0])
+    assert ckpt["best_score"] == max(h["CIDEr-D"] for h in ckpt["history"])
+    for name in ("best.pt", "last.pt", "best.json", "last.json", "curves.png"):
+        assert (workdir / "models" / name).exists(), name
+    assert not list((workdir / "models").glob("*.tmp"))
+
+
+def copy_cache(src_workdir, dst):
+    shutil.copytree(src_workdir / "cache", dst / "cache")   # reuse the extracted features: tests stay fast
+    return dst
+
+
+def test_resume_continues_to_the_same_result(lstm_model, shapes_data, tmp_path):
+    straight = copy_cache(lstm_model[0], tmp_path / "straight")
+    run_training(straight, shapes_data, "lstm", epochs=3, hidden_dim=64, embed_dim=32)
+    split = copy_cache(lstm_model[0], tmp_path / "split")
+    run_training(split, shapes_data, "lstm", epochs=2, hidden_dim=64, embed_dim=32)
+
+    from captioning.demo import demo_configs
+    from captioning.features import ExtractConfig
+    from captioning.train import train
+    spec, cfg = demo_configs(epochs=3)
+    train(shapes_data, split, cfg, spec, ExtractConfig(device="cpu"), resume=True)
+
+    a = torch.load(straight / "models" / "last.pt", weights_only=True)
+    b = torch.load(split / "models" / "last.pt", weights_only=True)
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3]
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-5)
+        assert ha["val_loss"] == pytest.approx(hb["val_loss"], rel=1e-5)
+    for k in a["decoder_state"]:
+        assert torch.allclose(a["decoder_state"][k], b["decoder_state"][k], atol=1e-5), k
+
+
+def test_ctrl_c_keeps_the_finished_epochs(lstm_model, shapes_data, tmp_path, monkeypatch):
+    import captioning.train as train_mod
+    workdir = copy_cache(lstm_model[0], tmp_path / "w")
+    real_epoch, calls = train_mod.train_epoch, []
+
+    def interrupted_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_epoch", interrupted_on_second)
+    best = run_training(workdir, shapes_data, "lstm", epochs=4, hidden_dim=64, embed_dim=32)
+    assert best == workdir / "models" / "best.pt"
+    assert torch.load(workdir / "models" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, shapes_data):
+    from captioning.demo import demo_configs
+    from captioning.features import ExtractConfig
+    from captioning.train import train
+    from captioning.utils import CaptioningError
+    spec, cfg = demo_configs(epochs=1)
+    with pytest.raises(CaptioningError, match="Nothing to resume"):
+        train(shapes_data, tmp_path, cfg, spec, ExtractConfig(device="cpu"), resume=True)
