@@ -8,7 +8,6 @@ Beside each checkpoint a small JSON summary lets the menu show the model without
 import json
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 from .utils import CaptioningError, atomic_write_json, temp_path_for
@@ -47,11 +46,14 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:
         raise CaptioningError(f"No permission to read model file: {path}") from None
-    except pickle.UnpicklingError:
-        # weights_only refuses any object that is not a tensor or plain value: a pickle with code in it.
-        raise CaptioningError(f"Refusing to load {path}: it is not a plain checkpoint (it may contain code).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CaptioningError(f"Model file {path} is corrupt or truncated ({str(e).splitlines()[0][:80]}).") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            # weights_only refused an object that is not a tensor or plain value: a pickle with code in it.
+            raise CaptioningError(f"Refusing to load {path}: it holds more than plain tensors and values "
+                                  "(it may contain code).") from None
+        raise CaptioningError(f"Model file {path} is corrupt or not a checkpoint.") from None
+    except Exception as e:  # torch.load fails on damaged files in many ways (EOFError, IndexError, zip errors)
+        raise CaptioningError(f"Model file {path} is corrupt or truncated ({type(e).__name__}).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CaptioningError(f"{path} is not an image-captioning checkpoint.")
     if ckpt.get("version") != VERSION:

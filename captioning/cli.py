@@ -181,7 +181,7 @@ def cmd_caption(args):
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
         return
-    # The results are the command's output: stdout, plain text (a file name may contain '[', which rich reads as markup).
+    # The results are the output: plain stdout (a file name may hold "[", which rich would read as markup).
     for r in results:
         print(r.image)
         for i, c in enumerate(r.captions, 1):

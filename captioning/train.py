@@ -64,6 +64,23 @@ def encode_split(records, vocab, row_of, max_words):
     return CaptionData(tokens, torch.tensor([len(s) for s in seqs]), torch.tensor(rows))
 
 
+def length_buckets(lengths, batch_size, generator):
+    """Batches of captions of (nearly) equal length, in random order: the fused nn.LSTM then runs few,
+    full time steps. Shuffle, stable-sort by length, cut into batches, shuffle the batches."""
+    perm = torch.randperm(len(lengths), generator=generator)
+    order = perm[torch.sort(lengths[perm], stable=True).indices]
+    batches = list(torch.split(order, batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def make_batches(decoder, data, batch_size, generator):
+    """Per decoder, the batching measured fastest on a CPU (bench/train_speed.py): the attention decoder's
+    cost is mostly per image, Show-and-Tell's mostly per time step."""
+    if decoder.uses_grid:
+        return image_batches(data.rows, batch_size, generator)
+    return length_buckets(data.lengths, batch_size, generator)
+
+
 def image_batches(rows, batch_size, generator):
     """Batches of about `batch_size` captions made of whole images: all captions of a few random images.
 
@@ -203,7 +220,7 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
         mean, std = feature_stats(store, train_data.rows, decoder.uses_grid)
         decoder.norm.set_stats(mean, std)
 
-    console.print(f"Training a {cfg.model.decoder} decoder on {spec.name} features: {len(vocab):,} words, "
+    console.print(f"Training the {cfg.model.decoder} decoder on {spec.name} features: {len(vocab):,} words, "
                   f"{len(train_data.lengths):,} train captions, {len(splits['val']):,} dev images, device {device}.")
     epoch = start_epoch - 1
     try:
@@ -252,7 +269,7 @@ def save_curves(history, path):
 
 def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch):
     decoder.train()
-    batches = image_batches(data.rows, cfg.batch_size, generator)
+    batches = make_batches(decoder, data, cfg.batch_size, generator)
     total, count = 0.0, 0
     with make_progress(transient=True) as bar:
         task = add_task(bar, f"Epoch {epoch}/{cfg.epochs}", len(batches), unit="batch")

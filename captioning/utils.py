@@ -98,7 +98,7 @@ def make_progress(transient=False):
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        console=console, transient=transient)
+        console=console, transient=transient, disable=not console.is_terminal)
 
 
 def add_task(progress, description, total, unit="it"):

@@ -215,8 +215,6 @@ def test_corrupt_checkpoint_is_refused(attention_model, tmp_path):
         assert bad.name in line and "unexpected" not in line
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.load_checkpoint lets IndexError/KeyError from torch.load through "
-                                       "for some garbage files; they surface as 'unexpected IndexError'")
 @pytest.mark.parametrize("seed", [2, 20])
 def test_every_garbage_checkpoint_gets_a_clear_message(tmp_path, capsys, seed):
     image = tmp_path / "photo.jpg"
