@@ -11,7 +11,7 @@ import warnings
 
 from rich.markup import escape
 
-from .utils import CaptioningError, clean_user_path, collect_images, console
+from .utils import CaptioningError, clean_user_path, collect_images, console, failure_message
 
 
 def positive_int(text):
@@ -71,6 +71,8 @@ def encoder_options(p, default="resnet50"):
 def search_options(p):
     p.add_argument("--beam-size", type=positive_int, default=3, help="beam width (default 3; 1 = greedy)")
     p.add_argument("--max-len", type=positive_int, default=20, help="longest caption in words (default 20)")
+    p.add_argument("--length-alpha", type=float, default=0.7, help="beam ranking: log-probability / length**alpha "
+                   "(0 favours short captions, 1 is the mean per word; default 0.7)")
 
 
 def build_parser():
@@ -176,7 +178,8 @@ def cmd_caption(args):
     from .captioner import Captioner, caption_files
     from .search import SearchConfig
     captioner = Captioner.load(args.model, args.workdir, args.device)
-    cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions)
+    cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions,
+                       length_alpha=args.length_alpha)
     results = caption_files(captioner, inputs, cfg, args.output, args.attention, paths=paths)
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
@@ -193,7 +196,8 @@ def cmd_evaluate(args):
     from .evaluate import evaluate_model
     from .search import SearchConfig
     evaluate_model(clean_user_path(args.data), args.split, args.model, args.workdir,
-                   SearchConfig(beam_size=args.beam_size, max_len=args.max_len), args.device, args.output)
+                   SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_alpha=args.length_alpha),
+                   args.device, args.output)
 
 
 def cmd_demo(args):
@@ -210,24 +214,29 @@ def run_guarded(fn, debug=False):
     try:
         fn()
         return 0
-    except CaptioningError as e:
-        if debug:
-            console.print_exception()
-        console.print(f"[red]error:[/] {escape(str(e))}")
     except KeyboardInterrupt:
-        console.print("Interrupted.")
-    except MemoryError:
-        console.print("[red]error:[/] out of memory; try a smaller --batch-size.")
+        console.print("Interrupted. Finished work is saved; run the same command again to continue.")
+    except BrokenPipeError:
+        # stdout went away (e.g. `caption --json | head`): nothing left to tell; keep Python's exit quiet too.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
     except Exception as e:  # never a bare traceback: one line, and --debug for the rest
         if debug:
             console.print_exception()
-        name = type(e).__name__
-        if "OutOfMemoryError" in name or "out of memory" in str(e):
-            console.print("[red]error:[/] the GPU ran out of memory; try a smaller --batch-size.")
-        else:
-            first = (str(e).splitlines() or [""])[0][:200]
-            console.print(f"[red]error:[/] unexpected {name}: {escape(first)} (run with --debug for the details)")
+        console.print(f"[red]error:[/] {escape(failure_message(e))}")
     return 1
+
+
+def clean_paths(args):
+    """Paths as users give them (quotes from drag and drop, `~`) → plain paths; a workdir that is a file is refused."""
+    for key in ("workdir", "output", "model"):
+        value = getattr(args, key, None)
+        if value and value != "default":
+            setattr(args, key, str(clean_user_path(value)))
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        raise CaptioningError(f"--workdir {args.workdir} is a file; it must be a folder (for models/ and cache/).")
 
 
 def main(argv=None):
@@ -238,5 +247,5 @@ def main(argv=None):
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # DataLoader workers too
     if args.command is None:
         from .menu import run_menu
-        return run_guarded(lambda: run_menu(args), args.debug)
-    return run_guarded(lambda: COMMANDS[args.command](args), args.debug)
+        return run_guarded(lambda: (clean_paths(args), run_menu(args)), args.debug)
+    return run_guarded(lambda: (clean_paths(args), COMMANDS[args.command](args)), args.debug)

@@ -13,7 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .checkpoint import describe, find_model, read_summary
-from .utils import CaptioningError, atomic_write_json, clean_user_path
+from .utils import CaptioningError, atomic_write_json, clean_user_path, failure_message
 
 out = Console(highlight=False)
 
@@ -135,56 +135,52 @@ def do_download(state):
     state.remember(path)
 
 
-def _cli_args(state, **extra):
-    """The same option set the CLI builds, so the menu runs exactly the commands' code."""
-    from argparse import Namespace
-    base = dict(workdir=state.args.workdir, device=state.args.device, seed=state.args.seed,
-                encoder="resnet50", encoder_weights=None, extract_batch_size=None, workers=None)
-    return Namespace(**{**base, **extra})
+def run_command(state, argv):
+    """Run a CLI command with the menu's answers: one parser, one set of defaults, the commands' own code."""
+    from .cli import COMMANDS, build_parser
+    common = ["--workdir", str(state.args.workdir), "--device", state.args.device, "--seed", str(state.args.seed)]
+    args = build_parser().parse_args([*argv[:1], *common, *map(str, argv[1:])])
+    COMMANDS[args.command](args)
 
 
 def do_extract(state):
-    from .cli import cmd_extract
     data = dataset_folder(state)
     encoder = ask("Encoder (resnet18/34/50/101/152, mobilenet_v2, ...)", "resnet50")
-    cmd_extract(_cli_args(state, data=str(data), encoder=encoder))
     state.remember(data)
+    run_command(state, ["extract", "--data", data, "--encoder", encoder])
 
 
 def do_train(state):
-    from .cli import cmd_train
     data = dataset_folder(state)
     encoder = ask("Encoder (resnet18/34/50/101/152, mobilenet_v2, ...)", "resnet50")
     decoder = ask_choice("Decoder", ["lstm", "attention"], "lstm")
     epochs = ask_int("Epochs", 20, 1, 1000)
     batch = ask_int("Batch size", 32, 1, 4096)
-    resume = False
+    resume = []
     if (Path(state.args.workdir) / "models" / "last.pt").exists():
-        resume = ask_choice("A previous run exists. Continue it (y) or start over (n)", ["y", "n"], "y") == "y"
+        if ask_choice("A previous run exists. Continue it (y) or start over (n)", ["y", "n"], "y") == "y":
+            resume = ["--resume"]
     state.remember(data)
-    cmd_train(_cli_args(state, data=str(data), encoder=encoder, decoder=decoder, epochs=epochs, batch_size=batch,
-                        resume=resume, lr=4e-4, embed_dim=256, hidden_dim=512, attention_dim=512, context_dim=512, dropout=0.5,
-                        label_smoothing=0.0, min_count=5, patience=4))
+    run_command(state, ["train", "--data", data, "--encoder", encoder, "--decoder", decoder, "--epochs", epochs,
+                        "--batch-size", batch, *resume])
 
 
 def do_caption(state):
-    from .cli import cmd_caption
     path = ask_path("Image file or folder")
     beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
-    attention = False
+    attention = []
     summary = read_summary(find_model(state.args.workdir))
     if summary and summary.get("decoder") == "attention":
-        attention = ask_choice("Also draw the attention maps", ["y", "n"], "n") == "y"
-    cmd_caption(_cli_args(state, images=[str(path)], model=None, beam_size=beam, max_len=20, num_captions=1,
-                          output=None, json=False, attention=attention))
+        if ask_choice("Also draw the attention maps", ["y", "n"], "n") == "y":
+            attention = ["--attention"]
+    run_command(state, ["caption", "--beam-size", beam, *attention, "--", path])
 
 
 def do_evaluate(state):
-    from .cli import cmd_evaluate
     data = dataset_folder(state)
     split = ask_choice("Split", ["val", "test"], "test")
     beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
-    cmd_evaluate(_cli_args(state, data=str(data), split=split, model=None, beam_size=beam, max_len=20, output=None))
+    run_command(state, ["evaluate", "--data", data, "--split", split, "--beam-size", beam])
 
 
 def do_demo(state):
@@ -198,8 +194,8 @@ ACTIONS = {"1": do_download, "2": do_extract, "3": do_train, "4": do_caption, "5
 def run_menu(args):
     state = MenuState(args)
     while True:
-        header(state)
         try:
+            header(state)
             choice = ask("Choose", "").lower()
         except (KeyboardInterrupt, EOFError):
             out.print("\nBye.")
@@ -219,11 +215,8 @@ def run_menu(args):
         except EOFError:
             out.print("\nBye.")
             return
-        except CaptioningError as e:
-            out.print(f"[red]error:[/] {escape(str(e))}")
         except Exception as e:  # the menu must survive anything; --debug shows the details
             if args.debug:
                 out.print_exception()
-            first = (str(e).splitlines() or [""])[0][:200]
-            out.print(f"[red]error:[/] unexpected {type(e).__name__}: {escape(first)} (run with --debug for details)")
+            out.print(f"[red]error:[/] {escape(failure_message(e, batch_option='batch size'))}")
         out.print()
