@@ -47,7 +47,7 @@ def load_checkpoint(path, map_location="cpu"):
     except PermissionError:
         raise CaptioningError(f"No permission to read model file: {path}") from None
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        if "GLOBAL" in str(e):
             # weights_only refused an object that is not a tensor or plain value: a pickle with code in it.
             raise CaptioningError(f"Refusing to load {path}: it holds more than plain tensors and values "
                                   "(it may contain code).") from None

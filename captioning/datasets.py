@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.utils import CaptioningError, console
+from captioning.vocab import tokenize
 
 SPLITS = ("train", "val", "test")
 # Layout → its annotation file pattern. The order decides when a folder holds several.
@@ -238,8 +239,23 @@ def _read_split_files(folders):
     return None
 
 
+def _has_words(caption):
+    """Whether a caption has a word the tokenizer keeps: "", "  " or "..." would train on nothing."""
+    if caption.isascii():  # the common case, fast: for ASCII a word is a letter or digit
+        return any(ch.isalnum() for ch in caption)
+    return bool(tokenize(caption))
+
+
 def load_dataset(root):
     """Load any known captioning dataset under `root` (a folder, or the annotation file itself)."""
+    try:
+        return _load_dataset(root)
+    except OSError as e:  # a folder or file without read permission, a vanished file: one sentence, not a trace
+        what = e.filename or root
+        raise CaptioningError(f"Could not read {what}: {e.strerror or e}.") from None
+
+
+def _load_dataset(root):
     given = Path(os.path.abspath(os.path.expanduser(str(root))))
     if not given.exists():
         raise CaptioningError(f"Dataset folder {given} does not exist.")
@@ -260,7 +276,7 @@ def load_dataset(root):
     # Group by image (a name may appear in several files), strip captions and drop empty ones.
     grouped = {}
     for names, caps, split in entries:
-        caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+        caps = [c.strip() for c in caps if isinstance(c, str) and _has_words(c)]
         if not caps:
             continue
         if names in grouped:
@@ -319,9 +335,16 @@ def download_dataset(name="mini-coco", force=False):
             console.print(f"[yellow]Kaggle is unreachable; using the cached copy in {path}.[/]")
     except requests.exceptions.ConnectionError:
         raise CaptioningError(f"Could not reach Kaggle to download {handle}: check your internet connection.") from None
-    except KaggleApiHTTPError as e:
+    except (KaggleApiHTTPError, requests.exceptions.HTTPError) as e:
         status = getattr(e.response, "status_code", None) or "unknown"
-        raise CaptioningError(f"Kaggle refused the download of {handle} (HTTP status {status}).") from None
+        why = {401: ": it asks for Kaggle credentials", 403: ": no permission; the dataset may be private, or its "
+               "terms must be accepted on kaggle.com first", 404: ": no such dataset (renamed or removed?)",
+               429: ": too many requests; try again later"}.get(status, "")
+        raise CaptioningError(f"Kaggle refused the download of {handle} (HTTP status {status}){why}.") from None
+    except requests.exceptions.RequestException as e:  # the connection broke mid-way, a timeout, ...
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CaptioningError(f"The download of {handle} was interrupted ({type(e).__name__}: {detail}); "
+                              "run the download again.") from None
     except Exception as e:  # kagglehub raises many kinds (disk full, bad archive, ...): keep the message to one line
         detail = (str(e).strip().splitlines() or [""])[0]
         raise CaptioningError(f"Downloading {handle} from Kaggle failed: {type(e).__name__}: {detail}") from None
@@ -330,8 +353,8 @@ def download_dataset(name="mini-coco", force=False):
     try:
         load_dataset(path)
     except CaptioningError as e:
-        raise CaptioningError(f"The download in {path} is incomplete or not a dataset ({e}) "
-                              f"Run the download again with --force.") from None
+        raise CaptioningError(f"The download in {path} is incomplete or not a dataset ({str(e).rstrip('.')}); "
+                              f"run the download again with --force.") from None
     return path
 
 

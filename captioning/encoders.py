@@ -119,13 +119,13 @@ def load_image(path, draft_size=None):
 
     `draft_size` lets the JPEG decoder skip detail we resize away anyway (2-4x faster on big photos)."""
     path = Path(path)
-    if not path.exists():
-        raise CaptioningError(f"Image not found: {path}")
-    if path.is_dir():
-        raise CaptioningError(f"Expected an image file but got a folder: {path}")
-    if path.stat().st_size == 0:
-        raise CaptioningError(f"Image file is empty (0 bytes): {path}")
-    try:
+    try:  # the checks too: a folder without permission makes even exists() raise
+        if not path.exists():
+            raise CaptioningError(f"Image not found: {path}")
+        if path.is_dir():
+            raise CaptioningError(f"Expected an image file but got a folder: {path}")
+        if path.stat().st_size == 0:
+            raise CaptioningError(f"Image file is empty (0 bytes): {path}")
         with Image.open(path) as img:
             if getattr(img, "is_animated", False):
                 img = next(iter(ImageSequence.Iterator(img)))
@@ -140,7 +140,7 @@ def load_image(path, draft_size=None):
     except UnidentifiedImageError:
         raise CaptioningError(f"Not an image file (or a format Pillow cannot read): {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise CaptioningError(f"Could not read image {path}: {str(e).splitlines()[0]}") from None
+        raise CaptioningError(f"Could not read image {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
 def to_rgb(img):

@@ -8,31 +8,60 @@ The cache for one (encoder, image list) pair is a folder under `<workdir>/cache/
 Rows are written in place and `progress.json` is replaced atomically only after they are flushed, so a
 killed run leaves a cache whose recorded rows are all valid: the next run continues from there and ends
 with exactly the cache an uninterrupted run writes.
+
+Speed (figures in bench/README.md). On a CPU the CNN wants small batches in channels_last layout, and
+the best batch size differs by encoder and machine, so it is measured: the first large extraction runs a
+few seconds of forward passes per candidate setting and remembers the fastest in
+`<workdir>/cache/calibration.json` (keyed by encoder, device and thread count). Images are decoded,
+resized and cropped one batch ahead in a background thread (Pillow releases the GIL), and cross over as
+uint8; the conversion to float and the normalisation run per batch, with the same arithmetic as the
+encoder's own transform. On a GPU, decoding runs in worker processes instead and the CNN in fp16.
 """
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
 
 from .encoders import EncoderSpec, build_encoder, concrete_spec, draft_size_for, load_image
 from .utils import CaptioningError, atomic_write_json, add_task, advance_task, console, make_progress
 
 CACHE_VERSION = 1
+CALIBRATE_MIN_IMAGES = 1000   # below this, a few seconds of calibration cannot pay for themselves
+CPU_BATCH = 4                 # uncalibrated CPU default: within ~5% of the best for mobilenet_v2/resnet18/50
+GPU_BATCH = 64
 
 
 @dataclass
 class ExtractConfig:
-    batch_size: int | None = None     # None: the fast setting for the device (CPUs prefer small batches)
-    num_workers: int | None = None    # None: decode in background workers, leaving the cores to the CNN
-    channels_last: bool | None = None  # None: on for CPU, where it is up to 2x faster for these CNNs
+    batch_size: int | None = None      # None: calibrated for the encoder and device (or a measured default)
+    num_workers: int | None = None     # decoding processes; None: a background thread on CPU, processes on GPU;
+    #                                    0: decode in the main thread
+    channels_last: bool | None = None  # None: as calibrated (on CPUs it is up to 2x faster for these CNNs)
+    threads: int | None = None         # torch compute threads while extracting; None: torch's own setting
+    calibrate: bool | None = None      # None: when at least CALIBRATE_MIN_IMAGES images are to be done
     device: str = "auto"
-    flush_every_s: float = 10.0       # how much work a kill can cost at most
+    flush_every_s: float = 10.0        # how much work a kill can cost at most
+
+
+@dataclass
+class Settings:
+    """How one extraction runs, and where each choice came from (shown to the user, used by bench/)."""
+    batch_size: int
+    channels_last: bool
+    workers: int          # DataLoader worker processes (0: none)
+    decode_threads: int   # background decoding threads when workers == 0 (0: decode inline)
+    threads: int          # torch compute threads
+    source: str           # "given", "calibrated", "remembered" or "default"
 
 
 def pick_device(name="auto"):
@@ -50,38 +79,223 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def auto_settings(cfg: ExtractConfig, device):
-    """Fill in batch size, workers and memory format for this device (measured: see bench/)."""
-    cpus = os.cpu_count() or 1
+# --- calibration -----------------------------------------------------------------------------------
+
+def _autocast(device):
+    """fp16 on CUDA: the cache is fp16 anyway, and tensor cores make it several times faster."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _set_format(trunk, channels_last):
+    return trunk.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def measure_throughput(trunk, crop, device, batch_size, channels_last, min_seconds=0.3, min_batches=2):
+    """Images/s of the trunk alone on ready tensors: one warm-up batch (oneDNN builds its kernels for each
+    new shape), then the fastest of at least `min_batches` timed batches — the fastest, because a
+    background process can only ever slow a batch down."""
+    _set_format(trunk, channels_last)
+    x = torch.randn(batch_size, 3, crop, crop, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    best, spent, n = float("inf"), 0.0, 0
+    with torch.inference_mode(), _autocast(device):
+        trunk(x)
+        _sync(device)
+        while n < min_batches or spent < min_seconds:
+            t0 = time.perf_counter()
+            trunk(x)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            best, spent, n = min(best, dt), spent + dt, n + 1
+    return batch_size / best
+
+
+def calibrate(trunk, crop, device, budget_s=15.0):
+    """Find the fastest batch size and memory format for this trunk on this device.
+
+    Batch sizes are tried in doubling steps (channels_last first: on CPUs it is never much worse) until
+    throughput falls clearly below the best so far; then the other memory format at the best size.
+    Returns {"batch_size", "channels_last", "images_per_s", "tried": [[batch, channels_last, img/s], ...]}."""
+    sizes = [1, 2, 4, 8, 16, 32, 64] if device.type == "cpu" else [16, 32, 64, 128, 256]
+    tried, start = [], time.monotonic()
+    best = None
+    for b in sizes:
+        ips = measure_throughput(trunk, crop, device, b, True)
+        tried.append([b, True, round(ips, 1)])
+        if best is None or ips > best[2]:
+            best = (b, True, ips)
+        elif ips < 0.85 * best[2] or time.monotonic() - start > budget_s:
+            break
+    b = best[0]
+    ips = measure_throughput(trunk, crop, device, b, False)
+    tried.append([b, False, round(ips, 1)])
+    if ips > best[2]:
+        best = (b, False, ips)
+    return {"batch_size": best[0], "channels_last": best[1], "images_per_s": round(best[2], 1), "tried": tried}
+
+
+def calibration_key(name, device, threads):
+    where = device.type + (f":{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+    return f"{name}|{where}|threads={threads}"
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}  # missing or damaged: calibrate again rather than fail
+
+
+def choose_settings(cfg: ExtractConfig, device, name, trunk, crop, workdir, todo):
+    """Settings for this extraction: what the user gave, else what was measured before, else measure now
+    (large jobs only), else defaults that are near the best on the CPUs measured."""
     on_cpu = device.type == "cpu"
-    batch = cfg.batch_size or (8 if on_cpu else 64)
-    workers = cfg.num_workers if cfg.num_workers is not None else (max(1, min(4, cpus // 2)) if on_cpu else min(8, cpus))
-    channels_last = cfg.channels_last if cfg.channels_last is not None else on_cpu
-    return batch, workers, channels_last
+    threads = cfg.threads or torch.get_num_threads()
+    cpus = os.cpu_count() or 1
+    if cfg.num_workers is not None:
+        workers, decode_threads = cfg.num_workers, 0
+    elif on_cpu:
+        # One thread decodes a 224-500 px JPEG several times faster than two cores run the CNN on it;
+        # worker processes would cost start-up and inter-process copies for nothing (bench/extract_speed.py).
+        # More cores run the CNN faster, so more decoders; idle ones cost nothing (they only run ahead).
+        workers, decode_threads = 0, max(1, cpus // 4)
+    else:
+        workers, decode_threads = max(1, min(8, cpus - 1)), 0
+
+    batch, channels_last, source = cfg.batch_size, cfg.channels_last, "given"
+    if batch is None:
+        key = calibration_key(name, device, threads)
+        store = Path(workdir) / "cache" / "calibration.json"
+        known = _read_json(store).get(key)
+        wanted = cfg.calibrate if cfg.calibrate is not None else todo >= CALIBRATE_MIN_IMAGES
+        if isinstance(known, dict) and {"batch_size", "channels_last"} <= known.keys():
+            batch, source = int(known["batch_size"]), "remembered"
+            channels_last = known["channels_last"] if channels_last is None else channels_last
+        elif wanted:
+            console.print(f"Measuring the fastest settings for {name} on this {device.type} (once, a few seconds)...")
+            found = calibrate(trunk, crop, device)
+            atomic_write_json(store, {**_read_json(store), key: found})
+            batch, source = found["batch_size"], "calibrated"
+            channels_last = found["channels_last"] if channels_last is None else channels_last
+        else:
+            batch, source = (CPU_BATCH if on_cpu else GPU_BATCH), "default"
+    if channels_last is None:
+        channels_last = device.type != "mps"  # MPS support for channels_last convolutions is patchy
+    return Settings(batch, bool(channels_last), workers, decode_threads, threads, source)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+class Preprocess:
+    """The encoder's transform, split in two halves with the same arithmetic as the whole:
+    per image, decode + resize + crop (Pillow, off the main thread), kept as uint8 [H, W, 3];
+    per batch, to float + normalise (one vectorised op on the compute device).
+
+    uint8 is a quarter of the bytes to move between threads, processes or to the GPU, and a batch of
+    [B, H, W, 3] uint8 permuted to [B, 3, H, W] already is channels_last, the CPU's fast layout."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        self.split = all(hasattr(transform, a) for a in ("resize_size", "crop_size", "mean", "std", "interpolation"))
+        self.crop = int(transform.crop_size[0])
+        self.draft = draft_size_for(transform)
+
+    def blank(self):
+        shape = (self.crop, self.crop, 3) if self.split else (3, self.crop, self.crop)
+        return torch.zeros(shape, dtype=torch.uint8 if self.split else torch.float32)
+
+    def image(self, path):
+        """(tensor, True), or (a blank, False) for a file that cannot be read: one bad photo is skipped."""
+        try:
+            img = load_image(path, self.draft)
+        except CaptioningError:
+            return self.blank(), False
+        if not self.split:
+            return self.transform(img), True
+        t = self.transform
+        img = TF.center_crop(TF.resize(img, t.resize_size, interpolation=t.interpolation,
+                                       antialias=getattr(t, "antialias", True)), t.crop_size)
+        return torch.from_numpy(np.array(img, dtype=np.uint8)), True
+
+    def batch(self, images, device, channels_last):
+        """Stacked images from `image` → the float batch the trunk takes."""
+        x = images.to(device, non_blocking=True)
+        if self.split:
+            x = x.permute(0, 3, 1, 2)
+            x = TF.normalize(TF.convert_image_dtype(x, torch.float), self.transform.mean, self.transform.std,
+                             inplace=True)
+        return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class ImageFiles(Dataset):
-    """Decodes and transforms images in DataLoader workers. An unreadable file yields a flag, not a crash."""
+    """Images for DataLoader worker processes (the GPU path, or --workers N)."""
 
-    def __init__(self, paths, transform, start=0):
-        self.paths, self.transform, self.start = paths, transform, start
-        self.draft = draft_size_for(transform)
-        self.crop = int(transform.crop_size[0])
+    def __init__(self, paths, prep, start=0):
+        self.paths, self.prep, self.start = paths, prep, start
 
     def __len__(self):
         return len(self.paths) - self.start
 
     def __getitem__(self, i):
         row = self.start + i
-        try:
-            return row, self.transform(load_image(self.paths[row], self.draft)), True
-        except CaptioningError:
-            return row, torch.zeros(3, self.crop, self.crop), False
+        image, ok = self.prep.image(self.paths[row])
+        return row, image, ok
 
 
 def _worker_init(_):
     torch.set_num_threads(1)  # decoding workers must not steal the compute threads
 
+
+def _threaded_batches(paths, start, prep, batch_size, threads):
+    """(rows, images, ok) batches in row order; `threads` > 0 decode up to two batches ahead in the
+    background while the caller runs the CNN, 0 decodes each batch when it is asked for."""
+    rows = iter(range(start, len(paths)))
+    if threads == 0:
+        for r0 in range(start, len(paths), batch_size):
+            done = [prep.image(paths[r]) for r in range(r0, min(r0 + batch_size, len(paths)))]
+            yield (list(range(r0, r0 + len(done))), torch.stack([d[0] for d in done]), [d[1] for d in done])
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    pending = deque()
+
+    def fill():
+        while len(pending) < 2 * batch_size + threads:
+            r = next(rows, None)
+            if r is None:
+                return
+            pending.append((r, pool.submit(prep.image, paths[r])))
+    try:
+        fill()
+        while pending:
+            chunk = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            fill()  # keep the decoder busy while this batch is computed
+            done = [f.result() for _, f in chunk]
+            yield [r for r, _ in chunk], torch.stack([d[0] for d in done]), [d[1] for d in done]
+    finally:
+        for _, f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
+def image_batches(paths, start, prep, settings: Settings, device):
+    """Batches of decoded images from row `start` on, as (rows, uint8 images, ok flags)."""
+    if settings.workers == 0:
+        return _threaded_batches(paths, start, prep, settings.batch_size, settings.decode_threads)
+    loader = DataLoader(ImageFiles(paths, prep, start), batch_size=settings.batch_size,
+                        num_workers=settings.workers, worker_init_fn=_worker_init,
+                        pin_memory=device.type == "cuda", prefetch_factor=4)
+    return ((rows.tolist(), images, ok.tolist()) for rows, images, ok in loader)
+
+
+# --- the cache -------------------------------------------------------------------------------------
 
 def cache_dir_for(workdir, spec: EncoderSpec, paths):
     """Same encoder and same images → same folder, so every command reuses one extraction."""
@@ -126,14 +340,56 @@ def open_store(folder):
     return FeatureStore(folder, paths, grid, pooled, set(progress.get("bad", [])), tuple(progress["grid_hw"]))
 
 
-def _probe_shape(trunk, transform, device, channels_last):
-    crop = int(transform.crop_size[0])
+class RowWriter:
+    """Writes rows of a preallocated .npy file in place with plain file writes. A writable memmap would
+    keep every written page mapped into this process: 1 GB of RSS for Flickr8k's grid, 4 GB for COCO."""
+
+    def __init__(self, path):
+        self.file = open(path, "r+b")
+        version = np.lib.format.read_magic(self.file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(self.file)
+        self.offset = self.file.tell()
+        self.dtype, self.row_bytes = dtype, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def write(self, row, array):
+        self.file.seek(self.offset + row * self.row_bytes)
+        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).data)
+
+    def flush(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
+
+
+def _decoding(s: Settings):
+    if s.workers:
+        return f"{s.workers} decoding process(es)"
+    return f"{s.decode_threads} decoding thread(s)" if s.decode_threads else "decoding inline"
+
+
+def _probe_shape(trunk, crop, device, channels_last):
     x = torch.zeros(1, 3, crop, crop, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         g = trunk(x)
     return g.shape[1], g.shape[2] * g.shape[3], (g.shape[2], g.shape[3])
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    """torch's thread count is process-wide: set it for the extraction only."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = ExtractConfig()):
@@ -150,55 +406,62 @@ def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = Ext
         return open_store(folder)
 
     device = pick_device(cfg.device)
-    batch, workers, channels_last = auto_settings(cfg, device)
     trunk, transform = build_encoder(spec)
     trunk = trunk.to(device)
-    if channels_last:
-        trunk = trunk.to(memory_format=torch.channels_last)
-    channels, cells, hw = _probe_shape(trunk, transform, device, channels_last)
+    prep = Preprocess(transform)
+    start = progress["done"] if progress else 0
+    with _torch_threads(cfg.threads or torch.get_num_threads()):
+        settings = choose_settings(cfg, device, spec.name, trunk, prep.crop, workdir, len(paths) - start)
+        _set_format(trunk, settings.channels_last)
+        channels, cells, hw = _probe_shape(trunk, prep.crop, device, settings.channels_last)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    if progress is None:  # a fresh cache: allocate the files, then record that zero rows are done
-        atomic_write_json(folder / "images.json", paths)
-        np.lib.format.open_memmap(folder / "grid.npy", "w+", np.float16, (len(paths), cells, channels)).flush()
-        np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float16, (len(paths), channels)).flush()
-        progress = {"version": CACHE_VERSION, "encoder": spec.to_dict(), "done": 0, "bad": [],
-                    "grid_hw": list(hw), "complete": False}
-        atomic_write_json(progress_file, progress)
-    grid = np.load(folder / "grid.npy", mmap_mode="r+")
-    pooled = np.load(folder / "pooled.npy", mmap_mode="r+")
-    start, bad = progress["done"], list(progress["bad"])
-    if start:
-        console.print(f"Resuming feature extraction at image {start:,} of {len(paths):,}.")
+        folder.mkdir(parents=True, exist_ok=True)
+        if progress is None:  # a fresh cache: allocate the files, then record that zero rows are done
+            atomic_write_json(folder / "images.json", paths)
+            np.lib.format.open_memmap(folder / "grid.npy", "w+", np.float16, (len(paths), cells, channels)).flush()
+            np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float16, (len(paths), channels)).flush()
+            progress = {"version": CACHE_VERSION, "encoder": spec.to_dict(), "done": 0, "bad": [],
+                        "grid_hw": list(hw), "complete": False}
+            atomic_write_json(progress_file, progress)
+        bad = list(progress["bad"])
+        console.print(f"[dim]Batches of {settings.batch_size}{', channels_last' if settings.channels_last else ''}, "
+                      f"{_decoding(settings)}, {settings.threads} compute thread(s) ({settings.source}).[/]")
+        if start:
+            console.print(f"Resuming feature extraction at image {start:,} of {len(paths):,}.")
+        _run(paths, start, trunk, prep, settings, device, folder, progress, bad, cfg.flush_every_s, spec.name)
+    if bad:
+        console.print(f"[yellow]{len(bad)} image(s) could not be read and will be left out.[/]")
+    return open_store(folder)
 
-    loader = DataLoader(ImageFiles(paths, transform, start), batch_size=batch, num_workers=workers,
-                        worker_init_fn=_worker_init if workers else None, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+
+def _run(paths, start, trunk, prep, settings, device, folder, progress, bad, flush_every_s, name):
+    grid, pooled = RowWriter(folder / "grid.npy"), RowWriter(folder / "pooled.npy")
 
     def checkpoint(done, complete=False):
         grid.flush()
         pooled.flush()  # rows reach the disk before the marker says they exist
-        atomic_write_json(progress_file, {**progress, "done": done, "bad": bad, "complete": complete})
+        atomic_write_json(folder / "progress.json", {**progress, "done": done, "bad": bad, "complete": complete})
 
     done, last_flush = start, time.monotonic()
-    with make_progress() as bar, torch.inference_mode():
-        task = add_task(bar, f"Extracting {spec.name}", len(paths), unit="img")
-        bar.update(task, completed=start)
-        for rows, images, ok in loader:
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            g = trunk(images).flatten(2).transpose(1, 2)              # [B, h*w, C]
-            r0, r1 = int(rows[0]), int(rows[-1]) + 1
-            grid[r0:r1] = g.to(torch.float16).cpu().numpy()
-            pooled[r0:r1] = g.mean(1).to(torch.float16).cpu().numpy()
-            bad += [paths[int(r)] for r, good in zip(rows, ok) if not good]
-            done = r1
-            advance_task(bar, task, len(rows))
-            if time.monotonic() - last_flush > cfg.flush_every_s:
-                checkpoint(done)
-                last_flush = time.monotonic()
-    checkpoint(done, complete=True)
-    if bad:
-        console.print(f"[yellow]{len(bad)} image(s) could not be read and will be left out.[/]")
-    return open_store(folder)
+    batches = image_batches(paths, start, prep, settings, device)
+    try:
+        with make_progress() as bar, torch.inference_mode(), _autocast(device):
+            task = add_task(bar, f"Extracting {name}", len(paths), unit="img")
+            bar.update(task, completed=start)
+            for rows, images, ok in batches:
+                g = trunk(prep.batch(images, device, settings.channels_last)).flatten(2).transpose(1, 2)
+                g = g.float()                                              # [B, h*w, C]
+                grid.write(rows[0], g.to(torch.float16).cpu().numpy())
+                pooled.write(rows[0], g.mean(1).to(torch.float16).cpu().numpy())
+                bad += [paths[r] for r, good in zip(rows, ok) if not good]
+                done = rows[-1] + 1
+                advance_task(bar, task, len(rows))
+                if time.monotonic() - last_flush > flush_every_s:
+                    checkpoint(done)
+                    last_flush = time.monotonic()
+        checkpoint(done, complete=True)
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()  # stop the decoding thread now, not whenever the generator is collected
+        grid.close()
+        pooled.close()

@@ -138,8 +138,11 @@ def do_download(state):
 def run_command(state, argv):
     """Run a CLI command with the menu's answers: one parser, one set of defaults, the commands' own code."""
     from .cli import COMMANDS, build_parser
-    common = ["--workdir", str(state.args.workdir), "--device", state.args.device, "--seed", str(state.args.seed)]
-    args = build_parser().parse_args([*argv[:1], *common, *map(str, argv[1:])])
+    common = [f"--workdir={state.args.workdir}", f"--device={state.args.device}", f"--seed={state.args.seed}"]
+    try:
+        args = build_parser().parse_args([*argv[:1], *common, *map(str, argv[1:])])
+    except SystemExit:  # argparse has said what was wrong; the menu must not end for it
+        raise CaptioningError(f"The {argv[0]} command could not use these answers (see above).") from None
     COMMANDS[args.command](args)
 
 
@@ -147,7 +150,8 @@ def do_extract(state):
     data = dataset_folder(state)
     encoder = ask("Encoder (resnet18/34/50/101/152, mobilenet_v2, ...)", "resnet50")
     state.remember(data)
-    run_command(state, ["extract", "--data", data, "--encoder", encoder])
+    # "--opt=value": an answer such as "-h" stays a value, not an option.
+    run_command(state, ["extract", f"--data={data}", f"--encoder={encoder}"])
 
 
 def do_train(state):
@@ -161,8 +165,8 @@ def do_train(state):
         if ask_choice("A previous run exists. Continue it (y) or start over (n)", ["y", "n"], "y") == "y":
             resume = ["--resume"]
     state.remember(data)
-    run_command(state, ["train", "--data", data, "--encoder", encoder, "--decoder", decoder, "--epochs", epochs,
-                        "--batch-size", batch, *resume])
+    run_command(state, ["train", f"--data={data}", f"--encoder={encoder}", f"--decoder={decoder}",
+                        f"--epochs={epochs}", f"--batch-size={batch}", *resume])
 
 
 def do_caption(state):
@@ -180,7 +184,7 @@ def do_evaluate(state):
     data = dataset_folder(state)
     split = ask_choice("Split", ["val", "test"], "test")
     beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
-    run_command(state, ["evaluate", "--data", data, "--split", split, "--beam-size", beam])
+    run_command(state, ["evaluate", f"--data={data}", f"--split={split}", f"--beam-size={beam}"])
 
 
 def do_demo(state):

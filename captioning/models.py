@@ -84,7 +84,7 @@ class ShowTellDecoder(nn.Module):
 
     def init_state(self, features):
         b = features.shape[0]
-        zeros = features.new_zeros(1, b, self.cfg.hidden_dim, dtype=torch.float32)
+        zeros = features.new_zeros(b, 1, self.cfg.hidden_dim, dtype=torch.float32)   # batch first, see step
         return {"image": self.image_embed(self.norm(features)), "h": zeros.clone(), "c": zeros.clone()}
 
     def step(self, tokens, state):

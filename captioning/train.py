@@ -240,9 +240,9 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
                     "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
                     "generator_state": generator.get_state(), "torch_rng_state": torch.get_rng_state(),
                     "epoch": epoch, "best_score": best, "best_metric": "CIDEr-D"}
-            save_checkpoint(last_path, ckpt)
-            if improved:
+            if improved:  # best first: a kill between the two saves must not leave best.pt behind last.pt
                 save_checkpoint(best_path, ckpt)
+            save_checkpoint(last_path, ckpt)
             console.print(f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
                           f"dev BLEU-4 {scores['BLEU-4']:.3f}, CIDEr-D {scores['CIDEr-D']:.3f}"
                           f"{' (best)' if improved else ''}, {time.time() - t0:.0f}s")
@@ -282,8 +282,9 @@ def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip)
             optimizer.step()
-            if not math.isfinite(float(loss)):
+            value = loss.item()
+            if not math.isfinite(value):
                 raise CaptioningError("Training diverged (the loss became NaN); try a lower --lr.")
-            total, count = total + float(loss) * n, count + n
+            total, count = total + value * n, count + n
             advance_task(bar, task, info=f"loss {total / count:.3f}")
     return total / max(count, 1)

@@ -2,6 +2,7 @@
 
 Kept free of torch so that `--help` and the menu's first screen stay fast.
 """
+import errno
 import json
 import os
 import tempfile
@@ -19,6 +20,55 @@ class CaptioningError(Exception):
     """A failure the user can act on. Its message is one plain sentence, shown without a traceback."""
 
 
+def failure_message(exc, batch_option="--batch-size"):
+    """One line for any failure, for the CLI and the menu alike: a CaptioningError as it is, resource and file
+    system errors as what to do about them, anything else as its type and first line (a bug: --debug)."""
+    if isinstance(exc, CaptioningError):
+        return str(exc)
+    name, text = type(exc).__name__, str(exc)
+    if isinstance(exc, MemoryError):
+        return f"Out of memory; try a smaller {batch_option}."
+    if "OutOfMemoryError" in name or "out of memory" in text.lower():   # torch.cuda.OutOfMemoryError, MPS
+        return f"The GPU ran out of memory; try a smaller {batch_option} (or --device cpu)."
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" {exc.filename}" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return (f"The disk is full{' (writing' + where + ')' if where else ''}; free some space and run again. "
+                    "Files finished before are intact.")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return f"No permission to read or write{where or ' a file'}."
+        if exc.errno == errno.EROFS:
+            return f"Cannot write{where}: the disk is read-only."
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+            return f"A file is in the way where a folder is needed:{where or ' (unknown path)'}."
+        if exc.errno == errno.EISDIR:
+            return f"Expected a file but found a folder:{where}."
+        if exc.errno == errno.ENOENT and where:
+            return f"No such file or folder:{where}."
+    first = (text.strip().splitlines() or [""])[0][:200]
+    return f"unexpected {name}: {first} (run with --debug for the details)"
+
+
+def _file_mode():
+    """The permissions a plain open() would give a new file (0o644 under the usual umask 022). mkstemp makes
+    its files 0o600, which os.replace would carry over: a PNG or checkpoint others cannot read."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
+def _mkstemp_beside(path):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, FILE_MODE)
+    except OSError:
+        pass  # e.g. a file system without permissions; the write itself still works
+    return fd, tmp
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Write a file so that readers see either the old file or the whole new one, never a half.
 
@@ -26,7 +76,7 @@ def atomic_write(path, write_fn, mode="wb"):
     renamed over `path` (os.replace is atomic on POSIX and Windows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -56,7 +106,7 @@ def temp_path_for(path):
     Pair it with `os.replace(tmp, path)`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp_beside(path)
     os.close(fd)
     return Path(tmp)
 
@@ -80,15 +130,18 @@ def collect_images(inputs):
     paths = []
     for raw in inputs:
         p = Path(raw)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-            if not found:
-                raise CaptioningError(f"No images (jpg, png, gif, webp, bmp, tiff) in folder: {p}")
-            paths += found
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise CaptioningError(f"Image not found: {p}")
+        try:
+            if p.is_dir():
+                found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+                if not found:
+                    raise CaptioningError(f"No images (jpg, png, gif, webp, bmp, tiff) in folder: {p}")
+                paths += found
+            elif p.exists():
+                paths.append(p)
+            else:
+                raise CaptioningError(f"Image not found: {p}")
+        except PermissionError:
+            raise CaptioningError(f"No permission to read: {p}") from None
     return paths
 
 

@@ -1,0 +1,136 @@
+"""Captioning latency: cold command line, warm Python API, and how fast --help and the menu answer.
+
+Side by side, in one run (each cold figure the median of --repeat fresh processes):
+  bare            python -c "import torch, torchvision" + build the checkpoint's encoder + one forward:
+                  the floor any captioning process pays
+  caption         python image_captioning.py caption photo.jpg --model M (process start to PNG written)
+  overhead        caption - bare (target <= 1.5 s), then where the time goes, stage by stage
+  --help, menu    python image_captioning.py --help / the menu's first screen (target <= 0.3 s)
+  warm            Captioner.caption(path) per image in a running process, and caption_files (PNG included)
+
+    python -m bench.caption_latency            # ~1 min
+    python -m bench.caption_latency --quick    # ~30 s
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import ROOT, Timer, checkpoint, flickr_images, header, table
+
+PY = sys.executable
+ENTRY = str(ROOT / "image_captioning.py")
+
+
+def wall(cmd, input=None, env=None):
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return seconds, proc.stdout
+
+
+def median_wall(cmd, repeat, **kw):
+    return statistics.median(wall(cmd, **kw)[0] for _ in range(repeat))
+
+
+BARE = """
+import sys, torch, torchvision
+name, weights = sys.argv[1], (sys.argv[2] if sys.argv[2] != "None" else None)
+model = torchvision.models.get_model(name, weights=weights).eval()
+with torch.inference_mode():
+    model(torch.zeros(1, 3, 224, 224))
+"""
+
+# Stage by stage, what `caption IMAGE` does, timed in one fresh process.
+STAGES = """
+import json, sys, time
+t = [("python start", time.perf_counter())]
+def mark(name): t.append((name, time.perf_counter()))
+from captioning.cli import build_parser; mark("import captioning.cli (rich, argparse)")
+import torch; mark("import torch")
+import torchvision; mark("import torchvision")
+from captioning.captioner import Captioner, caption_files; mark("import captioning (rest)")
+from captioning.search import SearchConfig
+c = Captioner.load(sys.argv[2], device="cpu"); mark("load checkpoint, build decoder")
+c.encoder(); mark("build encoder (weights from TORCH_HOME)")
+from captioning.encoders import load_image
+img = load_image(sys.argv[1]); mark("load image")
+feats = c.encode([img]); mark("encoder forward")
+hyps = c.search(feats, SearchConfig(beam_size=3)); mark("beam search")
+from captioning.render import save_captioned_image
+save_captioned_image(img, [c.vocab.decode(hyps[0][0].tokens)], sys.argv[3]); mark("render PNG (matplotlib)")
+print(json.dumps([(n, b - a) for (_, a), (n, b) in zip(t, t[1:])]))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", help="checkpoint (default ../runs/att/models/best.pt, then ../runs/lstm)")
+    ap.add_argument("--repeat", type=int, help="fresh processes per cold figure (default 5, quick 3)")
+    args = ap.parse_args()
+    header("caption_latency")
+    repeat = args.repeat or (3 if args.quick else 5)
+    model = args.model or checkpoint("att") or checkpoint("lstm")
+    if not model:
+        raise SystemExit("No checkpoint: pass --model PATH.")
+    from captioning.checkpoint import load_checkpoint
+    spec = load_checkpoint(model)["encoder"]
+    photo = str(flickr_images(1)[0])
+
+    with tempfile.TemporaryDirectory() as work:
+        png = os.path.join(work, "out.png")
+        python = median_wall([PY, "-c", "pass"], repeat)
+        imports = median_wall([PY, "-c", "import torch, torchvision"], repeat)
+        bare = median_wall([PY, "-c", BARE, spec["name"], str(spec["weights"])], repeat)
+        cold = median_wall([PY, ENTRY, "caption", photo, "--model", str(model), "--output", png], repeat)
+        cold_json = median_wall([PY, ENTRY, "caption", photo, "--model", str(model), "--output", png, "--json"],
+                                repeat)
+        helps = median_wall([PY, ENTRY, "--help"], repeat)
+        caption_help = median_wall([PY, ENTRY, "caption", "--help"], repeat)
+        menu = median_wall([PY, ENTRY, "--workdir", work], repeat, input="7\n")
+        stages = json.loads(wall([PY, "-c", STAGES, photo, str(model), png])[1])
+        warm_one, warm_files = warm(model, 10 if args.quick else 40)
+
+    table("Cold start, seconds (median of %d fresh processes)" % repeat, ["what", "seconds", "target"], [
+        ["python -c pass", f"{python:.2f}", ""],
+        ["import torch, torchvision", f"{imports:.2f}", ""],
+        [f"bare: imports + build {spec['name']} + one forward", f"{bare:.2f}", ""],
+        ["caption photo.jpg (PNG written)", f"{cold:.2f}", ""],
+        ["caption photo.jpg --json", f"{cold_json:.2f}", ""],
+        ["**overhead: caption - bare**", f"**{cold - bare:.2f}**", "<= 1.5"],
+        ["--help", f"{helps:.2f}", "<= 0.3"],
+        ["caption --help", f"{caption_help:.2f}", "<= 0.3"],
+        ["menu: first screen, then quit", f"{menu:.2f}", "<= 0.3"],
+    ])
+    table("Where a cold `caption` spends its time (one process, stage by stage)", ["stage", "seconds"],
+          [[n, f"{s:.3f}"] for n, s in stages])
+    table("Warm (model loaded), ms per image", ["what", "ms"], [
+        ["Captioner.caption(path), beam 3", f"{warm_one:.0f}"],
+        ["caption_files, 8 per batch, PNG written", f"{warm_files:.0f}"]])
+
+
+def warm(model, n):
+    sys.path.append(str(ROOT))
+    from captioning.captioner import Captioner, caption_files
+    from captioning.search import SearchConfig
+    captioner = Captioner.load(model, device="cpu")
+    photos = [str(p) for p in flickr_images(n + 1)]
+    captioner.caption(photos[-1])
+    with Timer() as one:
+        for p in photos[:n]:
+            captioner.caption(p)
+    with tempfile.TemporaryDirectory() as out, Timer() as files:
+        caption_files(captioner, photos[:n], SearchConfig(beam_size=3), output=out)
+    return one.seconds / n * 1000, files.seconds / n * 1000
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Feature extraction speed, images/s from JPEG files on disk to the finished on-disk cache.
+
+Side by side, per encoder, in one run:
+  limit      the encoder alone on ready tensors, best of batch {1, 4, 16, 64} x {plain, channels_last}
+  plain      one image at a time: decode, transform, forward, store (what the seed scripts did)
+  before     extract_features as of commit e2dbc85 (batch 8, one worker process, channels_last)
+  after      extract_features now, with its automatic (calibrated) settings
+and, with --ablations (mobilenet_v2 only), the choices the automatic settings make, one at a time.
+
+    python -m bench.extract_speed            # ~6 min on 2 cores
+    python -m bench.extract_speed --quick    # ~1.5 min: fewer images and batch sizes
+"""
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import BASELINE, ROOT, Timer, flickr_images, header, table
+
+import numpy as np
+import torch
+
+from captioning import features
+from captioning.encoders import EncoderSpec, build_encoder, load_image
+from captioning.features import ExtractConfig, choose_settings, extract_features, measure_throughput
+
+from bench.naive import plain_extract
+
+ENCODERS = {"mobilenet_v2": "DEFAULT", "resnet18": None, "resnet50": None}  # only mobilenet_v2 has weights here
+
+
+def baseline_module():
+    """captioning/features.py as of BASELINE, loaded beside the current one (None without git)."""
+    try:
+        source = subprocess.run(["git", "show", f"{BASELINE}:captioning/features.py"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    spec = importlib.util.spec_from_loader("captioning._baseline_features", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "captioning"
+    sys.modules[spec.name] = module
+    exec(compile(source, f"{BASELINE}:captioning/features.py", "exec"), module.__dict__)
+    return module
+
+
+def timed_extract(module, paths, spec, cfg, work=None):
+    """Seconds of extract_features minus building the encoder (a one-off cost the same for every method).
+    In a fresh workdir unless one is given (one that holds a remembered calibration, say)."""
+    built = []
+    real_build = module.build_encoder
+
+    def build(s):
+        with Timer() as t:
+            out = real_build(s)
+        built.append(t.seconds)
+        return out
+    module.build_encoder = build
+    try:
+        with tempfile.TemporaryDirectory() as fresh, Timer() as t:
+            store = module.extract_features(paths, spec, work or fresh, cfg)
+            assert store.grid.shape[0] == len(paths)
+    finally:
+        module.build_encoder = real_build
+    return t.seconds - sum(built)
+
+
+def limit(trunk, crop, sizes, min_seconds):
+    results = {}
+    for channels_last in (False, True):
+        for b in sizes:
+            results[(b, channels_last)] = measure_throughput(trunk, crop, torch.device("cpu"), b, channels_last,
+                                                             min_seconds=min_seconds)
+    best = max(results, key=results.get)
+    return results[best], best, results
+
+
+def plain(paths, trunk, transform):
+    trunk = trunk.to(memory_format=torch.contiguous_format)
+    with tempfile.TemporaryDirectory() as work:
+        grid = np.lib.format.open_memmap(f"{work}/grid.npy", "w+", np.float16, (len(paths), 49, trunk_channels(trunk)))
+        pooled = np.lib.format.open_memmap(f"{work}/pooled.npy", "w+", np.float16, (len(paths), grid.shape[2]))
+        with Timer() as t:
+            plain_extract(paths, trunk, transform, grid, pooled)
+            grid.flush()
+            pooled.flush()
+    return len(paths) / t.seconds
+
+
+def trunk_channels(trunk):
+    with torch.inference_mode():
+        return trunk(torch.zeros(1, 3, 224, 224)).shape[1]
+
+
+def decode_table(n):
+    """Per-image decoding cost: the Flickr8k copy here is 224x224, the Kaggle originals ~500x375 and a
+    phone photo 4032x3024; Pillow's draft mode lets the JPEG decoder skip detail the resize drops."""
+    from PIL import Image
+    rows = []
+    src = Image.open(flickr_images(1)[0]).convert("RGB")
+    with tempfile.TemporaryDirectory() as work:
+        for size in [(224, 224), (500, 375), (1600, 1200), (4032, 3024)]:
+            path = f"{work}/{size[0]}.jpg"
+            src.resize(size, Image.BICUBIC).save(path, quality=90)
+            reps = max(3, int(n * 224 * 224 / (size[0] * size[1])))
+            times = {}
+            for label, draft in (("full", None), ("draft", 256)):
+                load_image(path, draft)
+                with Timer() as t:
+                    for _ in range(reps):
+                        load_image(path, draft)
+                times[label] = t.seconds / reps * 1000
+            rows.append([f"{size[0]}x{size[1]}", f"{times['full']:.2f}", f"{times['draft']:.2f}",
+                         f"{times['full'] / times['draft']:.1f}x"])
+    table("JPEG decoding (load_image), ms per image, 1 thread", ["photo", "full decode", "draft (256)", "speed-up"],
+          rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer images and batch sizes (about 1.5 minutes)")
+    ap.add_argument("--encoders", nargs="+", default=list(ENCODERS))
+    ap.add_argument("--images", type=int, help="images per extraction (default 1000, quick 200)")
+    ap.add_argument("--ablations", action="store_true", help="also time each automatic choice on its own")
+    args = ap.parse_args()
+    header("extract_speed")
+    n = args.images or (200 if args.quick else 1000)
+    sizes = [4, 16] if args.quick else [1, 4, 16, 64]
+    paths = flickr_images(n)
+    baseline = baseline_module()
+    rows = []
+    for name in args.encoders:
+        spec = EncoderSpec(name, weights=ENCODERS.get(name, None))
+        trunk, transform = build_encoder(spec)
+        crop = int(transform.crop_size[0])
+        best, setting, _ = limit(trunk, crop, sizes, 0.3 if args.quick else 1.0)
+        plain_ips = plain(paths[:max(50, n // 4)], trunk, transform)
+        with tempfile.TemporaryDirectory() as work, Timer() as cal:
+            auto = choose_settings(ExtractConfig(device="cpu", calibrate=True), torch.device("cpu"), name, trunk, crop,
+                                   work, n)
+        with tempfile.TemporaryDirectory() as work:
+            # The run itself uses the remembered calibration, as every run after the first does.
+            features.atomic_write_json(f"{work}/cache/calibration.json", {
+                features.calibration_key(name, torch.device("cpu"), auto.threads):
+                    {"batch_size": auto.batch_size, "channels_last": auto.channels_last}})
+            after = n / timed_extract(features, paths, spec, ExtractConfig(device="cpu"), work)
+        before = n / timed_extract(baseline, paths, spec, baseline.ExtractConfig(device="cpu")) if baseline else None
+        rows.append([name, f"{best:.1f} (b{setting[0]}{' cl' if setting[1] else ''})", f"{plain_ips:.1f}",
+                     f"{before:.1f}" if before else "-", f"{after:.1f} (b{auto.batch_size}"
+                     f"{' cl' if auto.channels_last else ''})", f"{after / best:.2f}", f"{after / plain_ips:.1f}x",
+                     f"{before / best:.2f}" if before else "-", f"{cal.seconds:.1f}"])
+        print(f"  {name}: done", file=sys.stderr)
+    table(f"Feature extraction, images/s ({n} Flickr8k photos, JPEG to finished cache)",
+          ["encoder", "limit (setting)", "plain loop", "before", "after (setting)", "after/limit", "after/plain",
+           "before/limit", "calibration s"], rows)
+    if args.ablations:
+        ablations(paths, "mobilenet_v2")
+    decode_table(20 if args.quick else 60)
+
+
+def ablations(paths, name):
+    """Each automatic choice against its alternatives, all else automatic."""
+    spec = EncoderSpec(name, weights=ENCODERS.get(name))
+    variants = [
+        ("auto: 1 decoding thread, 2 torch threads", ExtractConfig(device="cpu", batch_size=4)),
+        ("decode inline (no overlap)", ExtractConfig(device="cpu", batch_size=4, num_workers=0)),
+        ("1 worker process", ExtractConfig(device="cpu", batch_size=4, num_workers=1)),
+        ("2 worker processes", ExtractConfig(device="cpu", batch_size=4, num_workers=2)),
+        ("1 torch thread", ExtractConfig(device="cpu", batch_size=4, threads=1)),
+        ("batch 16", ExtractConfig(device="cpu", batch_size=16)),
+        ("batch 4, contiguous", ExtractConfig(device="cpu", batch_size=4, channels_last=False)),
+    ]
+    rows = []
+    for label, cfg in variants:
+        seconds = timed_extract(features, paths, spec, cfg)
+        rows.append([label, f"{len(paths) / seconds:.1f}"])
+    table(f"Extraction settings, {name}, images/s ({len(paths)} photos)", ["setting", "images/s"], rows)
+
+
+if __name__ == "__main__":
+    main()

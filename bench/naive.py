@@ -1,0 +1,82 @@
+"""The plain ways to do each stage: what the optimised code is measured against (bench/) and checked
+against (tests/test_speed_paths.py). Written for obviousness, not speed.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from captioning.encoders import load_image
+from captioning.models import AttentionDecoder
+from captioning.search import beam_search
+from captioning.vocab import PAD
+
+
+@torch.inference_mode()
+def plain_extract(paths, trunk, transform, grid_out, pooled_out):
+    """One image at a time, as the seed scripts did: decode, transform, forward, store. No batching,
+    default memory format, no overlap of decoding with the CNN."""
+    for i, path in enumerate(paths):
+        x = transform(load_image(path)).unsqueeze(0)
+        g = trunk(x).flatten(2).transpose(1, 2)[0]
+        grid_out[i] = g.to(torch.float16).numpy()
+        pooled_out[i] = g.mean(0).to(torch.float16).numpy()
+
+
+def naive_loss(decoder, features, tokens, lengths, att_reg=1.0):
+    """Teacher-forced loss with every caption padded to the full width of `tokens`: the decoder runs on
+    every padded position and the vocabulary projection too; padding is ignored only in the loss.
+    `features` hold one row per caption (no sharing between captions of one image)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if decoder.uses_grid:
+        state = decoder.init_state(features)
+        emb = decoder.embed(inputs)
+        hidden, alphas = [], []
+        for t in range(inputs.shape[1]):
+            context, alpha = decoder._attend(state)
+            h, c = decoder.cell(torch.cat([emb[:, t], context], -1), (state["h"], state["c"]))
+            state = dict(state, h=h, c=c)
+            hidden.append(h)
+            alphas.append(alpha)
+        hidden = torch.stack(hidden, 1)                                   # [N, T, H]
+        alphas = torch.stack(alphas, 1)                                   # [N, T, P]
+    else:
+        image = decoder.image_embed(decoder.norm(features))
+        hidden, _ = decoder.lstm(decoder.drop(decoder._inputs(image, inputs)))
+        alphas = None
+    logits = decoder.out(decoder.drop(hidden))                            # [N, T, V]: padding included
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD)
+    if alphas is not None and att_reg:
+        # The regulariser sums attention over a caption's real words only (as the model defines it).
+        real = (torch.arange(inputs.shape[1], device=tokens.device) < (lengths - 1).unsqueeze(1)).float()
+        loss = loss + att_reg * AttentionDecoder.attention_penalty(alphas * real.unsqueeze(-1))
+    return loss
+
+
+def naive_batches(n, batch_size, generator):
+    """Captions in random order, cut into batches: no bucketing, no grouping by image."""
+    return list(torch.split(torch.randperm(n, generator=generator), batch_size))
+
+
+def naive_train_epoch(decoder, optimizer, store, data, batch_size, generator, clip=5.0, att_reg=1.0):
+    """One epoch the plain way: random batches, full-width padding, each caption's features read on its own."""
+    decoder.train()
+    total, count = 0.0, 0
+    source = store.grid if decoder.uses_grid else store.pooled
+    for idx in naive_batches(len(data.lengths), batch_size, generator):
+        feats = torch.from_numpy(np.stack([np.asarray(source[int(r)]) for r in data.rows[idx]]))
+        loss = naive_loss(decoder, feats, data.tokens[idx], data.lengths[idx], att_reg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), clip)
+        optimizer.step()
+        n = int((data.lengths[idx] - 1).sum())
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+def one_at_a_time_beam(decoder, features, cfg):
+    """Beam search image by image (the batch dimension is 1 every time)."""
+    out = []
+    for i in range(features.shape[0]):
+        out += beam_search(decoder, features[i:i + 1], cfg)
+    return out

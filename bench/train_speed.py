@@ -1,0 +1,151 @@
+"""Decoder training speed on cached Flickr8k features (mobilenet_v2, memory-mapped), both decoders.
+
+Side by side, in one run, each from the same initial weights on the same captions:
+  naive          random batches, every caption padded to the longest (32 tokens), the decoder and the
+                 vocabulary projection run on every padded position (bench/naive.py)
+  length-bucket  batches of captions of equal length, packed: nothing runs on padding (captioning/train.py)
+  image-grouped  batches of whole images (all 5 captions of each), the image-side work once per image,
+                 padded steps skipped (captioning/train.py; the attention decoder's default)
+Reported: seconds per epoch (scaled to the full 30,000-caption epoch), real caption tokens/s, speed-up
+over naive, and the losses reached after the same number of epochs (train, and dev on the same captions
+through the same evaluator) — faster must not mean worse.
+Also: AdamW's optimizer step, default vs fused=True (a suggestion for train.py).
+
+    python -m bench.train_speed             # ~4 min on 2 cores (600 train images, 2 epochs)
+    python -m bench.train_speed --quick     # ~40 s (200 images, 1 epoch)
+"""
+import argparse
+import math
+import random
+
+from bench.common import FLICKR8K, Timer, flickr_cache, header, table
+
+import torch
+
+from captioning.datasets import load_dataset
+from captioning.features import open_store
+from captioning.models import ModelConfig, build_decoder
+from captioning.train import (TrainConfig, decoder_loss, encode_split, feature_stats, image_batches, length_buckets,
+                              load_unique, validation_loss)
+from captioning.vocab import Vocabulary
+
+from bench.naive import naive_train_epoch
+
+FULL_EPOCH = 30000  # Flickr8k's train captions
+
+
+def fast_epoch(decoder, optimizer, store, data, batches, cfg):
+    """captioning/train.py's train_epoch, with the batching passed in (so both kinds can be timed)."""
+    decoder.train()
+    total, count = 0.0, 0
+    for idx in batches:
+        feats, index = load_unique(store, data.rows[idx], decoder.uses_grid, torch.device("cpu"))
+        width = int(data.lengths[idx].max())
+        loss, n = decoder_loss(decoder, feats, data.tokens[idx, :width], data.lengths[idx], cfg, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip)
+        optimizer.step()
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+def setup(n_images, n_val, seed=0):
+    folder = flickr_cache()
+    if folder is None:
+        raise SystemExit("No finished Flickr8k mobilenet_v2 feature cache under ../runs/f8k/cache; run "
+                         "'python image_captioning.py extract --data ../shared/datasets/flickr8k --encoder "
+                         "mobilenet_v2 --workdir ../runs/f8k' first.")
+    store = open_store(folder)
+    dataset = load_dataset(FLICKR8K)
+    row_of = store.row_of()
+    records = [r for r in dataset.records if str(r.image) in row_of]
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    vocab = Vocabulary.build((c for r in train for c in r.captions), min_count=5)  # as train.py: all of train
+    rng = random.Random(seed)
+    train, val = rng.sample(train, min(n_images, len(train))), rng.sample(val, min(n_val, len(val)))
+    return store, vocab, encode_split(train, vocab, row_of, 30), encode_split(val, vocab, row_of, 30)
+
+
+def run_variant(kind, decoder_name, store, vocab, data, val, epochs, batch_size, stats):
+    torch.manual_seed(0)
+    cfg = TrainConfig(batch_size=batch_size)
+    cfg.model = ModelConfig(decoder=decoder_name, vocab_size=len(vocab), feat_dim=store.channels)
+    decoder = build_decoder(cfg.model)
+    decoder.norm.set_stats(*stats[decoder.uses_grid])
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(0)
+    seconds, loss = [], math.nan
+    for _ in range(epochs):
+        with Timer() as t:
+            if kind == "naive":
+                # Full width: the tokens tensor is padded to the longest caption in the data set.
+                loss = naive_train_epoch(decoder, optimizer, store, data, batch_size, generator, cfg.clip, cfg.att_reg)
+            else:
+                make = image_batches if kind == "image-grouped" else length_buckets
+                batches = make(data.rows if make is image_batches else data.lengths, batch_size, generator)
+                loss = fast_epoch(decoder, optimizer, store, data, batches, cfg)
+        seconds.append(t.seconds)
+    val_loss = validation_loss(decoder, store, val, cfg, torch.device("cpu"))
+    return min(seconds), loss, val_loss
+
+
+def optimizer_table(store, vocab, steps=30):
+    """AdamW's step on the attention decoder's parameters: the default (foreach) vs fused=True."""
+    rows = []
+    for label, kw in (("AdamW (default, foreach)", {}), ("AdamW fused=True", {"fused": True})):
+        torch.manual_seed(0)
+        decoder = build_decoder(ModelConfig(decoder="attention", vocab_size=len(vocab), feat_dim=store.channels))
+        for p in decoder.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        try:
+            opt = torch.optim.AdamW(decoder.parameters(), lr=4e-4, weight_decay=1e-4, **kw)
+        except (RuntimeError, TypeError) as e:
+            rows.append([label, f"unavailable: {e}"])
+            continue
+        opt.step()
+        with Timer() as t:
+            for _ in range(steps):
+                opt.step()
+        rows.append([label, f"{t.seconds / steps * 1000:.1f}"])
+    n = sum(p.numel() for p in decoder.parameters())
+    table(f"Optimizer step, attention decoder ({n / 1e6:.1f}M parameters), ms per step", ["optimizer", "ms"], rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--images", type=int, help="train images (5 captions each; default 600, quick 200)")
+    ap.add_argument("--epochs", type=int, help="default 2, quick 1")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--decoders", nargs="+", default=["lstm", "attention"])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    header("train_speed")
+    n_images = args.images or (200 if args.quick else 600)
+    epochs = args.epochs or (1 if args.quick else 2)
+    store, vocab, data, val = setup(n_images, 100 if args.quick else 300)
+    stats = {g: feature_stats(store, data.rows, g) for g in (False, True)}
+    tokens = int((data.lengths - 1).sum())
+    scale = FULL_EPOCH / len(data.lengths)
+    plans = {"lstm": [("naive", 32), ("length-bucket", 32)],
+             "attention": [("naive", 64), ("length-bucket", 64), ("image-grouped", 64)]}
+    rows = []
+    for name in args.decoders:
+        base = None
+        for kind, batch in plans[name]:
+            seconds, loss, val_loss = run_variant(kind, name, store, vocab, data, val, epochs, batch, stats)
+            base = base or seconds
+            rows.append([name, kind, batch, f"{seconds * scale:.0f}", f"{tokens / seconds:,.0f}",
+                         f"{base / seconds:.2f}x", f"{loss:.3f}", f"{val_loss:.3f}"])
+            print(f"  {name} {kind}: {seconds:.1f}s", flush=True)
+    table(f"Decoder training on {len(data.lengths):,} captions of {n_images} images, {epochs} epoch(s) each "
+          f"(s/epoch scaled to {FULL_EPOCH:,} captions), {torch.get_num_threads()} threads",
+          ["decoder", "batching", "batch", "s/epoch", "tokens/s", "vs naive", "train loss", "dev loss"], rows)
+    optimizer_table(store, vocab)
+
+
+if __name__ == "__main__":
+    main()
