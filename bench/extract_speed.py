@@ -1,7 +1,8 @@
 """Feature extraction speed, images/s from JPEG files on disk to the finished on-disk cache.
 
 Side by side, per encoder, in one run:
-  limit      the encoder alone on ready tensors, best of batch {1, 4, 16, 64} x {plain, channels_last}
+  limit      the encoder alone on ready tensors, best of batch {1, 4, 16, 64} x {plain, channels_last},
+             as torchvision builds it, and with its BatchNorm folded into the convolutions (as extracted)
   plain      one image at a time: decode, transform, forward, store (what the seed scripts did)
   before     extract_features as of commit e2dbc85 (batch 8, one worker process, channels_last)
   after      extract_features now, with its automatic (calibrated) settings
@@ -24,7 +25,7 @@ import torch
 
 from captioning import features
 from captioning.encoders import EncoderSpec, build_encoder, load_image
-from captioning.features import ExtractConfig, choose_settings, extract_features, measure_throughput
+from captioning.features import ExtractConfig, choose_settings, fold_batchnorm, measure_throughput
 
 from bench.naive import plain_extract
 
@@ -75,6 +76,10 @@ def limit(trunk, crop, sizes, min_seconds):
                                                              min_seconds=min_seconds)
     best = max(results, key=results.get)
     return results[best], best, results
+
+
+def fmt(setting):
+    return f"b{setting[0]}{' cl' if setting[1] else ''}"
 
 
 def plain(paths, trunk, transform):
@@ -130,16 +135,19 @@ def main():
     sizes = [4, 16] if args.quick else [1, 4, 16, 64]
     paths = flickr_images(n)
     baseline = baseline_module()
-    rows = []
+    rows, chosen = [], {}
     for name in args.encoders:
         spec = EncoderSpec(name, weights=ENCODERS.get(name, None))
         trunk, transform = build_encoder(spec)
         crop = int(transform.crop_size[0])
-        best, setting, _ = limit(trunk, crop, sizes, 0.3 if args.quick else 1.0)
+        seconds = 0.3 if args.quick else 1.0
+        best, setting, _ = limit(trunk, crop, sizes, seconds)          # the trunk as torchvision builds it
         plain_ips = plain(paths[:max(50, n // 4)], trunk, transform)
+        folded = fold_batchnorm(trunk)                                  # as extract_features runs it
+        best_folded, setting_folded, _ = limit(folded, crop, sizes, seconds)
         with tempfile.TemporaryDirectory() as work, Timer() as cal:
-            auto = choose_settings(ExtractConfig(device="cpu", calibrate=True), torch.device("cpu"), name, trunk, crop,
-                                   work, n)
+            auto = choose_settings(ExtractConfig(device="cpu", calibrate=True), torch.device("cpu"), name, folded,
+                                   crop, work, n)
         with tempfile.TemporaryDirectory() as work:
             # The run itself uses the remembered calibration, as every run after the first does.
             features.atomic_write_json(f"{work}/cache/calibration.json", {
@@ -147,35 +155,45 @@ def main():
                     {"batch_size": auto.batch_size, "channels_last": auto.channels_last}})
             after = n / timed_extract(features, paths, spec, ExtractConfig(device="cpu"), work)
         before = n / timed_extract(baseline, paths, spec, baseline.ExtractConfig(device="cpu")) if baseline else None
-        rows.append([name, f"{best:.1f} (b{setting[0]}{' cl' if setting[1] else ''})", f"{plain_ips:.1f}",
-                     f"{before:.1f}" if before else "-", f"{after:.1f} (b{auto.batch_size}"
-                     f"{' cl' if auto.channels_last else ''})", f"{after / best:.2f}", f"{after / plain_ips:.1f}x",
+        rows.append([name, f"{best:.1f} ({fmt(setting)})", f"{best_folded:.1f} ({fmt(setting_folded)})",
+                     f"{plain_ips:.1f}", f"{before:.1f}" if before else "-",
+                     f"{after:.1f} ({fmt((auto.batch_size, auto.channels_last))})", f"{after / best:.2f}",
+                     f"{after / best_folded:.2f}", f"{after / plain_ips:.1f}x",
                      f"{before / best:.2f}" if before else "-", f"{cal.seconds:.1f}"])
+        chosen[name] = auto.batch_size
         print(f"  {name}: done", file=sys.stderr)
     table(f"Feature extraction, images/s ({n} Flickr8k photos, JPEG to finished cache)",
-          ["encoder", "limit (setting)", "plain loop", "before", "after (setting)", "after/limit", "after/plain",
-           "before/limit", "calibration s"], rows)
+          ["encoder", "limit (setting)", "limit, BN folded", "plain loop", "before", "after (setting)", "after/limit",
+           "after/folded limit", "after/plain", "before/limit", "calibration s"], rows)
     if args.ablations:
-        ablations(paths, "mobilenet_v2")
+        ablations(paths, args.encoders[0], chosen[args.encoders[0]])
     decode_table(20 if args.quick else 60)
 
 
-def ablations(paths, name):
-    """Each automatic choice against its alternatives, all else automatic."""
+def ablations(paths, name, batch):
+    """Each automatic choice against its alternatives, the others as chosen automatically."""
     spec = EncoderSpec(name, weights=ENCODERS.get(name))
+    other = 16 if batch < 16 else 4
     variants = [
-        ("auto: 1 decoding thread, 2 torch threads", ExtractConfig(device="cpu", batch_size=4)),
-        ("decode inline (no overlap)", ExtractConfig(device="cpu", batch_size=4, num_workers=0)),
-        ("1 worker process", ExtractConfig(device="cpu", batch_size=4, num_workers=1)),
-        ("2 worker processes", ExtractConfig(device="cpu", batch_size=4, num_workers=2)),
-        ("1 torch thread", ExtractConfig(device="cpu", batch_size=4, threads=1)),
-        ("batch 16", ExtractConfig(device="cpu", batch_size=16)),
-        ("batch 4, contiguous", ExtractConfig(device="cpu", batch_size=4, channels_last=False)),
+        (f"auto: batch {batch}, channels_last, 1 decoding thread, 2 torch threads",
+         ExtractConfig(device="cpu", batch_size=batch)),
+        ("decode inline (no overlap)", ExtractConfig(device="cpu", batch_size=batch, num_workers=0)),
+        ("1 worker process", ExtractConfig(device="cpu", batch_size=batch, num_workers=1)),
+        ("2 worker processes", ExtractConfig(device="cpu", batch_size=batch, num_workers=2)),
+        ("1 torch thread", ExtractConfig(device="cpu", batch_size=batch, threads=1)),
+        (f"batch {other}", ExtractConfig(device="cpu", batch_size=other)),
+        ("contiguous layout", ExtractConfig(device="cpu", batch_size=batch, channels_last=False)),
     ]
     rows = []
     for label, cfg in variants:
         seconds = timed_extract(features, paths, spec, cfg)
         rows.append([label, f"{len(paths) / seconds:.1f}"])
+    fold, features.fold_batchnorm = features.fold_batchnorm, lambda trunk: trunk
+    try:
+        seconds = timed_extract(features, paths, spec, ExtractConfig(device="cpu", batch_size=batch))
+        rows.append(["BatchNorm not folded", f"{len(paths) / seconds:.1f}"])
+    finally:
+        features.fold_batchnorm = fold
     table(f"Extraction settings, {name}, images/s ({len(paths)} photos)", ["setting", "images/s"], rows)
 
 

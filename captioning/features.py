@@ -9,13 +9,14 @@ Rows are written in place and `progress.json` is replaced atomically only after 
 killed run leaves a cache whose recorded rows are all valid: the next run continues from there and ends
 with exactly the cache an uninterrupted run writes.
 
-Speed (figures in bench/README.md). On a CPU the CNN wants small batches in channels_last layout, and
-the best batch size differs by encoder and machine, so it is measured: the first large extraction runs a
-few seconds of forward passes per candidate setting and remembers the fastest in
+Speed (figures in bench/README.md). BatchNorm layers are folded into the convolutions before them (the
+same features up to float rounding, up to 2x faster on a CPU). A CPU wants small batches in channels_last
+layout, and the best batch size differs by encoder and machine, so it is measured: the first large
+extraction spends a few seconds timing forward passes per candidate setting and remembers the fastest in
 `<workdir>/cache/calibration.json` (keyed by encoder, device and thread count). Images are decoded,
-resized and cropped one batch ahead in a background thread (Pillow releases the GIL), and cross over as
-uint8; the conversion to float and the normalisation run per batch, with the same arithmetic as the
-encoder's own transform. On a GPU, decoding runs in worker processes instead and the CNN in fp16.
+resized and cropped ahead in a background thread (Pillow releases the GIL) and cross over as uint8; the
+conversion to float and the normalisation run per batch, with the same arithmetic as the encoder's own
+transform. On a GPU, decoding runs in worker processes instead and the CNN in fp16.
 """
 import contextlib
 import hashlib
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
@@ -77,6 +79,38 @@ def pick_device(name="auto"):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise CaptioningError("MPS was requested but is not available on this machine; use --device cpu or auto.")
     return torch.device(name)
+
+
+# --- the encoder, made faster without changing what it computes ---------------------------------------
+
+def fold_batchnorm(module):
+    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d into the convolution's weights and
+    bias, in place. The outputs stay the same up to float32 rounding (~1e-6 relative; the cache is fp16),
+    but every folded layer saves a full pass over its activations: on a 2-core CPU mobilenet_v2 runs 2.2x
+    faster, resnet50 1.1x (bench/README.md). Only pairs whose data flow is known are folded: neighbours
+    in an nn.Sequential, and convN -> bnN inside torchvision's ResNet blocks."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    pairs = []
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        pairs = list(zip(names, names[1:]))
+    elif isinstance(module, (BasicBlock, Bottleneck)):
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if f"conv{i}" in module._modules]
+    for a, b in pairs:
+        conv, bn = module._modules[a], module._modules[b]
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training
+                and bn.running_mean is not None):
+            continue
+        with torch.no_grad():
+            scale = (bn.weight if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias if bn.affine else 0.0
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+        module._modules[b] = nn.Identity()
+    for child in module.children():
+        fold_batchnorm(child)
+    return module
 
 
 # --- calibration -----------------------------------------------------------------------------------
@@ -407,7 +441,7 @@ def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = Ext
 
     device = pick_device(cfg.device)
     trunk, transform = build_encoder(spec)
-    trunk = trunk.to(device)
+    trunk = fold_batchnorm(trunk).to(device)
     prep = Preprocess(transform)
     start = progress["done"] if progress else 0
     with _torch_threads(cfg.threads or torch.get_num_threads()):

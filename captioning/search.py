@@ -82,7 +82,6 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
                              float(top_scores[i, j]) / length ** cfg.length_alpha,
                              alphas[row].cpu() if alphas is not None else None)
             finished[i].append(hyp)
-        done |= torch.tensor([len(f) >= k_kept for f in finished])
         if bool(done.all()):
             break
 
@@ -100,6 +99,14 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         if alphas is not None:
             alphas = alphas.index_select(0, rows)
         tokens, scores = sel_word.view(-1), sel_scores
+        # An image is done once it has enough finished captions and no live beam is likely to beat the worst
+        # of them. With alpha 0 this is exact (a live beam's log-probability only falls); with alpha > 0 it
+        # is the usual estimate. Stopping as soon as K captions finish can miss a better, longer one.
+        best_live = scores.max(1).values.tolist()
+        for i, f in enumerate(finished):
+            if not done[i] and len(f) >= k_kept:
+                worst_kept = sorted(h.score for h in f)[-k_kept]
+                done[i] = best_live[i] == float("-inf") or worst_kept >= best_live[i] / (t + 2) ** cfg.length_alpha
 
     return [_best_distinct(f, cfg.num_captions) for f in finished]
 

@@ -14,7 +14,7 @@ from torchvision.transforms import functional as TF
 from bench.naive import naive_loss, one_at_a_time_beam, plain_extract
 from captioning import features
 from captioning.encoders import EncoderSpec, build_encoder, load_image
-from captioning.features import ExtractConfig, Preprocess, calibrate, extract_features
+from captioning.features import ExtractConfig, Preprocess, calibrate, extract_features, fold_batchnorm
 from captioning.models import ModelConfig, build_decoder
 from captioning.search import SearchConfig, beam_search
 from captioning.synthetic import make_shapes_dataset
@@ -49,6 +49,27 @@ def assert_close_fp16(actual, expected):
 
 
 # --- features ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "resnet50"])
+def test_folding_batchnorm_keeps_the_outputs(name):
+    """Every BatchNorm of the encoders is folded into its convolution, and the outputs stay equal up to
+    float32 rounding. Random-init BatchNorm is the identity, so give each one real-looking statistics."""
+    trunk, _ = build_encoder(EncoderSpec(name, weights=None))
+    g = torch.Generator().manual_seed(0)
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    x = torch.randn(2, 3, 224, 224, generator=g)
+    with torch.inference_mode():
+        expected = trunk(x)
+        folded = fold_batchnorm(trunk)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
 
 def test_split_transform_is_bitwise_the_encoders_transform(paths):
     """Decode+resize+crop per image as uint8, then float+normalise per batch: exactly the transform's
