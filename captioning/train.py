@@ -144,7 +144,7 @@ def validation_loss(decoder, store, data, cfg, device):
 
 
 @torch.inference_mode()
-def caption_rows(decoder, store, rows, vocab, device, batch=256, progress=None):
+def caption_rows(decoder, store, rows, vocab, device, batch=256):
     """Greedy captions for feature rows, as text."""
     decoder.eval()
     out = []
