@@ -12,6 +12,7 @@ FLICKR8K = SHARED / "datasets" / "flickr8k"
 os.environ.setdefault("TORCH_HOME", str(SHARED / "torch_home"))
 # The lead's Flickr8k runs: a mobilenet_v2 feature cache and trained checkpoints (read only).
 RUNS = ROOT.parent / "runs"
+WORK = ROOT / "bench" / ".work"   # what the benchmarks make for themselves (git-ignored)
 BASELINE = "e2dbc85"   # the commit before this issue's changes: "before" figures come from its code
 
 if str(ROOT) not in sys.path:
@@ -26,17 +27,26 @@ def flickr_images(n=None):
 
 
 def flickr_cache(encoder="mobilenet_v2"):
-    """The finished feature cache of the lead's Flickr8k run, if there is one."""
-    for folder in sorted((RUNS / "f8k" / "cache").glob(f"{encoder}-*")):
+    """A finished Flickr8k feature cache: one of the lead's runs if there is one, else this script's own
+    (bench/.work, extracted by the tool on first use, about a minute for mobilenet_v2)."""
+    for folder in sorted(RUNS.glob(f"*/cache/{encoder}-*")) + sorted(WORK.glob(f"cache/{encoder}-*")):
         if (folder / "progress.json").exists() and '"complete": true' in (folder / "progress.json").read_text():
             return folder
-    return None
+    from captioning.encoders import EncoderSpec
+    from captioning.features import ExtractConfig
+    from captioning.train import prepare
+    print(f"# extracting {encoder} features of Flickr8k into {WORK} (once)", file=sys.stderr)
+    return prepare(FLICKR8K, WORK, EncoderSpec(encoder), ExtractConfig(device="cpu"))[2].folder
 
 
 def checkpoint(name):
-    """A trained checkpoint of the lead's runs ('att' or 'lstm'), or None."""
+    """A trained Flickr8k checkpoint: the lead's run `name` ('att' or 'lstm'), else for 'att' the
+    built-in model (an attention decoder trained on these features), else None."""
     path = RUNS / name / "models" / "best.pt"
-    return path if path.exists() else None
+    if path.exists():
+        return path
+    from captioning.checkpoint import BUILTIN
+    return BUILTIN if name == "att" and BUILTIN.exists() else None
 
 
 class Timer:
@@ -99,9 +109,43 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def _busy_seconds():
+    """CPU seconds all processes on the machine have used (from /proc/stat), or None off Linux."""
+    try:
+        fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds():
+    import resource
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
+class Others:
+    """How many cores other processes kept busy while a benchmark ran: figures taken next to another
+    CPU-heavy job are not this machine's figures, and the report should say so."""
+
+    def __enter__(self):
+        self.start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, t = _busy_seconds(), _own_seconds(), time.perf_counter()
+        if busy is None or self.start[0] is None:
+            return
+        self.cores = max(0.0, (busy - self.start[0]) - (own - self.start[1])) / (t - self.start[2])
+        note = "  <- NOT a quiet machine: rerun" if self.cores > 0.15 else ""
+        print(f"# other processes kept {self.cores:.2f} of {os.cpu_count()} cores busy during this run{note}")
+
+
 def header(name):
+    """The machine, and at exit how busy other processes kept it meanwhile."""
+    import atexit
     import torch
     print(f"# {name}: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    busy = os.getloadavg()[0]
-    if busy > 0.5:
-        print(f"# note: load average {busy:.1f} when starting; figures from a busy machine are pessimistic")
+    others = Others().__enter__()
+    atexit.register(others.__exit__)

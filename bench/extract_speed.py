@@ -170,14 +170,21 @@ def main():
     decode_table(20 if args.quick else 60)
 
 
+def describe(cfg, name):
+    """What the automatic settings do on this machine, in words."""
+    s = choose_settings(cfg, torch.device("cpu"), name, None, 224, tempfile.gettempdir(), 0)
+    decoding = f"{s.decode_threads} decoding thread(s)" if s.decode_threads else "decoding inline"
+    return f"{decoding}, {s.threads} torch threads"
+
+
 def ablations(paths, name, batch):
     """Each automatic choice against its alternatives, the others as chosen automatically."""
     spec = EncoderSpec(name, weights=ENCODERS.get(name))
     other = 16 if batch < 16 else 4
+    auto = ExtractConfig(device="cpu", batch_size=batch)
     variants = [
-        (f"auto: batch {batch}, channels_last, 1 decoding thread, 2 torch threads",
-         ExtractConfig(device="cpu", batch_size=batch)),
-        ("decode inline (no overlap)", ExtractConfig(device="cpu", batch_size=batch, num_workers=0)),
+        (f"auto: batch {batch}, channels_last, {describe(auto, name)}", auto),
+        ("1 decoding thread beside the CNN's threads", ExtractConfig(device="cpu", batch_size=batch, decode_threads=1)),
         ("1 worker process", ExtractConfig(device="cpu", batch_size=batch, num_workers=1)),
         ("2 worker processes", ExtractConfig(device="cpu", batch_size=batch, num_workers=2)),
         ("1 torch thread", ExtractConfig(device="cpu", batch_size=batch, threads=1)),

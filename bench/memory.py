@@ -8,6 +8,7 @@ so they cost page cache, not RAM that other programs lose).
   extract before  the same with captioning/features.py as of commit e2dbc85 (--before; ~4 min more)
   train           `train --decoder attention` for one epoch on the cached features (memory-mapped),
                   validation and dev scoring included; --quick stops the epoch after 100 batches
+  feature_stats   the part of training that needs the most memory, as it is and as suggested
   load whole      for scale: the grid cache read into memory instead of memory-mapped
 
     python -m bench.memory --before     # ~9 min on 2 cores
@@ -46,6 +47,27 @@ def child_train(batches):
         T.train(FLICKR8K, work, cfg, EncoderSpec("mobilenet_v2"), ExtractConfig(device="cpu"))
 
 
+def child_stats(chunk):
+    """train.py's feature_stats over the Flickr8k train images (chunk 0: as train.py has it), or the
+    suggested variant: smaller chunks, and the squares summed without an [n, C] float64 temporary."""
+    import numpy as np
+    import torch
+    from captioning.datasets import load_dataset
+    from captioning.features import open_store
+    from captioning.train import feature_stats
+    store = open_store(flickr_cache())
+    row_of = store.row_of()
+    rows = torch.tensor(sorted(row_of[str(r.image)] for r in load_dataset(FLICKR8K).split("train")
+                               if str(r.image) in row_of))
+    if not chunk:
+        return feature_stats(store, rows, True)
+    total, sq, n = 0.0, 0.0, 0
+    for i in range(0, len(rows), chunk):
+        x = np.asarray(store.grid[rows[i:i + chunk].numpy()], dtype=np.float64).reshape(-1, store.channels)
+        total, sq, n = total + x.sum(0), sq + np.einsum("ij,ij->j", x, x), n + len(x)
+    return total / n
+
+
 def child_load_whole():
     import numpy as np
     grid = np.load(flickr_cache() / "grid.npy")
@@ -64,6 +86,8 @@ def main():
             child_extract(int(rest[0]), rest[1] == "before")
         elif kind == "train":
             child_train(int(rest[0]))
+        elif kind == "stats":
+            child_stats(int(rest[0]))
         else:
             child_load_whole()
         return
@@ -74,6 +98,8 @@ def main():
         jobs.append((f"extract, {n:,} photos (before, e2dbc85)", ["extract", str(n), "before"]))
     jobs.append(("train attention, " + ("100 batches" if args.quick else "1 epoch") + " + dev scoring",
                  ["train", "100" if args.quick else "0"]))
+    jobs.append(("train.py's feature_stats alone (512 rows a chunk, float64)", ["stats", "0"]))
+    jobs.append(("feature_stats, 64 rows a chunk, no squares temporary (suggested)", ["stats", "64"]))
     jobs.append(("grid cache loaded whole (np.load, no mmap)", ["load"]))
     rows = []
     for label, child in jobs:

@@ -70,7 +70,7 @@ def naive_train_epoch(decoder, optimizer, store, data, batch_size, generator, cl
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), clip)
         optimizer.step()
         n = int((data.lengths[idx] - 1).sum())
-        total, count = total + float(loss) * n, count + n
+        total, count = total + loss.item() * n, count + n
     return total / max(count, 1)
 
 

@@ -7,11 +7,12 @@ Side by side, in one run, each from the same initial weights on the same caption
   image-grouped  batches of whole images (all 5 captions of each), the image-side work once per image,
                  padded steps skipped (captioning/train.py; the attention decoder's default)
 Reported: seconds per epoch (scaled to the full 30,000-caption epoch), real caption tokens/s, speed-up
-over naive, and the losses reached after the same number of epochs (train, and dev on the same captions
-through the same evaluator) — faster must not mean worse.
+over naive, the losses after the same number of epochs (train, and dev on the same captions through the
+same evaluator) — faster must not mean worse — and the dev loss each fast variant reaches when it trains
+for as long as the naive one took (more epochs in the same time).
 Also: AdamW's optimizer step, default vs fused=True (a suggestion for train.py).
 
-    python -m bench.train_speed             # ~4 min on 2 cores (600 train images, 2 epochs)
+    python -m bench.train_speed             # ~5 min on 2 cores (600 train images, 2 epochs)
     python -m bench.train_speed --quick     # ~40 s (200 images, 1 epoch)
 """
 import argparse
@@ -68,7 +69,9 @@ def setup(n_images, n_val, seed=0):
     return store, vocab, encode_split(train, vocab, row_of, 30), encode_split(val, vocab, row_of, 30)
 
 
-def run_variant(kind, decoder_name, store, vocab, data, val, epochs, batch_size, stats):
+def run_variant(kind, decoder_name, store, vocab, data, val, epochs, batch_size, stats, budget=None):
+    """Train `epochs` epochs; returns (fastest epoch's seconds, last train loss, dev loss, dev loss after
+    `budget` seconds of training in all — the naive run's time: what the same wait buys — or None)."""
     torch.manual_seed(0)
     cfg = TrainConfig(batch_size=batch_size)
     cfg.model = ModelConfig(decoder=decoder_name, vocab_size=len(vocab), feat_dim=store.channels)
@@ -76,8 +79,8 @@ def run_variant(kind, decoder_name, store, vocab, data, val, epochs, batch_size,
     decoder.norm.set_stats(*stats[decoder.uses_grid])
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(0)
-    seconds, loss = [], math.nan
-    for _ in range(epochs):
+    seconds, loss, val_loss, same_time = [], math.nan, None, None
+    while len(seconds) < epochs or (budget and sum(seconds) < budget):
         with Timer() as t:
             if kind == "naive":
                 # Full width: the tokens tensor is padded to the longest caption in the data set.
@@ -87,8 +90,12 @@ def run_variant(kind, decoder_name, store, vocab, data, val, epochs, batch_size,
                 batches = make(data.rows if make is image_batches else data.lengths, batch_size, generator)
                 loss = fast_epoch(decoder, optimizer, store, data, batches, cfg)
         seconds.append(t.seconds)
-    val_loss = validation_loss(decoder, store, val, cfg, torch.device("cpu"))
-    return min(seconds), loss, val_loss
+        if len(seconds) == epochs:
+            val_loss = validation_loss(decoder, store, val, cfg, torch.device("cpu"))
+            epoch_loss = loss
+    if budget and len(seconds) > epochs:
+        same_time = (len(seconds), validation_loss(decoder, store, val, cfg, torch.device("cpu")))
+    return min(seconds[:epochs]), epoch_loss, val_loss, same_time
 
 
 def optimizer_table(store, vocab, steps=30):
@@ -134,16 +141,20 @@ def main():
              "attention": [("naive", 64), ("length-bucket", 64), ("image-grouped", 64)]}
     rows = []
     for name in args.decoders:
-        base = None
+        base = budget = None
         for kind, batch in plans[name]:
-            seconds, loss, val_loss = run_variant(kind, name, store, vocab, data, val, epochs, batch, stats)
+            seconds, loss, val_loss, same_time = run_variant(kind, name, store, vocab, data, val, epochs, batch,
+                                                             stats, budget)
             base = base or seconds
+            budget = budget or seconds * epochs
+            later = f"{same_time[1]:.3f} ({same_time[0]} epochs)" if same_time else "-"
             rows.append([name, kind, batch, f"{seconds * scale:.0f}", f"{tokens / seconds:,.0f}",
-                         f"{base / seconds:.2f}x", f"{loss:.3f}", f"{val_loss:.3f}"])
+                         f"{base / seconds:.2f}x", f"{loss:.3f}", f"{val_loss:.3f}", later])
             print(f"  {name} {kind}: {seconds:.1f}s", flush=True)
     table(f"Decoder training on {len(data.lengths):,} captions of {n_images} images, {epochs} epoch(s) each "
           f"(s/epoch scaled to {FULL_EPOCH:,} captions), {torch.get_num_threads()} threads",
-          ["decoder", "batching", "batch", "s/epoch", "tokens/s", "vs naive", "train loss", "dev loss"], rows)
+          ["decoder", "batching", "batch", "s/epoch", "tokens/s", "vs naive", f"train loss, epoch {epochs}",
+           f"dev loss, epoch {epochs}", "dev loss in naive's time"], rows)
     optimizer_table(store, vocab)
 
 

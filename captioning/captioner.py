@@ -10,8 +10,8 @@ import torch
 
 from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summarize
 from .encoders import EncoderSpec, build_encoder, load_image
-from .features import pick_device
-from .models import ModelConfig, build_decoder
+from .features import fold_batchnorm, pick_device
+from .models import Ensemble, ModelConfig, build_decoder
 from .search import SearchConfig, beam_search
 from .utils import CaptioningError, add_task, advance_task, collect_images, console, make_progress
 from .vocab import Vocabulary
@@ -51,13 +51,27 @@ class Captioner:
         self._encoder = None
 
     @classmethod
-    def load(cls, model=None, workdir=".", device="auto"):
-        """`model`: a path, 'default' for the built-in model, or None for the workdir's best model."""
+    def load(cls, model=None, workdir=".", device="auto", ensemble=()):
+        """`model`: a path, 'default' for the built-in model, or None for the workdir's best model.
+        `ensemble`: more checkpoints on the same encoder and vocabulary, searched together with it."""
         path = find_model(workdir, model)
         if path == BUILTIN and model != "default":
             console.print("Using the built-in Flickr8k model; train your own with "
                           "'python image_captioning.py train --data DIR'.")
-        return cls(load_checkpoint(path), device, source=path)
+        captioner = cls(load_checkpoint(path), device, source=path)
+        if ensemble:
+            captioner.join([cls(load_checkpoint(find_model(workdir, p)), device, source=p) for p in ensemble])
+        return captioner
+
+    def join(self, others):
+        """Search with the mean word probabilities of this model and `others` (see models.Ensemble)."""
+        for other in others:
+            if other.vocab.words != self.vocab.words or other.spec.name != self.spec.name \
+                    or other.spec.weights != self.spec.weights:
+                raise CaptioningError(f"{other.source} cannot join {self.source} in an ensemble: models must share "
+                                      "the encoder and the vocabulary (trained on the same data).")
+        self.decoder = Ensemble([self.decoder, *(o.decoder for o in others)]).to(self.device).eval()
+        self.source = ", ".join(str(s) for s in [self.source, *(o.source for o in others)])
 
     def describe(self):
         return describe(summarize(self.ckpt))
@@ -66,7 +80,8 @@ class Captioner:
         """Built on first use: the CNN costs more to build than the decoder."""
         if self._encoder is None:
             trunk, transform = build_encoder(self.spec)
-            trunk = trunk.to(self.device)
+            # Folded as extraction folds it: the same arithmetic as the training features, and faster.
+            trunk = fold_batchnorm(trunk).to(self.device)
             if self.device.type == "cpu":
                 trunk = trunk.to(memory_format=torch.channels_last)
             self._encoder = (trunk, transform)

@@ -65,6 +65,31 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+# What captioning needs; the rest of a training checkpoint (optimizer, RNG states) only serves --resume.
+EXPORT_KEYS = ("vocab", "model_config", "encoder", "grid_hw", "history", "train_config", "epoch",
+               "best_score", "best_metric")
+
+
+def export_model(source, output, reports=None):
+    """A small caption-only copy of a checkpoint: fp16 decoder weights (half the size; captions are the
+    same to within rounding), no optimizer state, plus the evaluation reports given as {split: path}
+    (the scores a model card shows). It loads like any checkpoint but cannot be resumed."""
+    import torch
+    ckpt = load_checkpoint(source)
+    small = {k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}
+    small["decoder_state"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["decoder_state"].items()}
+    small["evaluation"] = dict(ckpt.get("evaluation") or {})
+    for split, path in (reports or {}).items():
+        try:
+            report = json.loads(Path(path).read_text())
+            small["evaluation"][split] = {k: v for k, v in report.items() if k != "captions"}
+        except (OSError, ValueError, AttributeError):
+            raise CaptioningError(f"Cannot read the evaluation report {path}; run 'evaluate' again.") from None
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(output, small)
+    return Path(output)
+
+
 def models_dir(workdir):
     return Path(workdir) / "models"
 
@@ -95,7 +120,8 @@ def summarize(ckpt):
     last = (ckpt.get("history") or [{}])[-1]
     return {"decoder": cfg["decoder"], "encoder": enc["name"], "vocab_size": len(ckpt["vocab"]),
             "epoch": ckpt.get("epoch", 0), "best_metric": ckpt.get("best_metric", "CIDEr-D"),
-            "best_score": ckpt.get("best_score"), "val_loss": last.get("val_loss")}
+            "best_score": ckpt.get("best_score"), "val_loss": last.get("val_loss"),
+            "evaluation": {split: r.get("scores") for split, r in (ckpt.get("evaluation") or {}).items()}}
 
 
 def read_summary(path):

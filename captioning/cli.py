@@ -75,6 +75,11 @@ def search_options(p):
                    "(0 favours short captions, 1 is the mean per word; default 0.7)")
 
 
+def ensemble_option(p):
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="PATH", help="more checkpoints (same encoder "
+                   "and vocabulary) whose word probabilities are averaged with --model's")
+
+
 def build_parser():
     common = common_options(defaults=False)
     parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common_options()],
@@ -90,6 +95,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="dataset folder")
     encoder_options(p)
     p.add_argument("--batch-size", type=positive_int, dest="extract_batch_size", help="same as --extract-batch-size")
+    p.add_argument("--dist-timeout", type=positive_float, default=1800, metavar="SECONDS", help="under torchrun: "
+                   "how long a process waits for the others before the job stops (default 1800)")
 
     p = sub.add_parser("train", parents=[common], help="train a caption decoder (extracts features first)")
     p.add_argument("--data", required=True, help="dataset folder")
@@ -109,11 +116,17 @@ def build_parser():
     p.add_argument("--min-count", type=positive_int, default=5, help="rarer words become <unk> (default 5)")
     p.add_argument("--patience", type=positive_int, default=4, help="stop after this many epochs without "
                    "a better dev CIDEr-D (default 4)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision "
+                   "(bf16, or fp16 with loss scaling) on CUDA GPUs (default: on there; no effect elsewhere)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPUs, long runs)")
+    p.add_argument("--dist-timeout", type=positive_float, default=1800, metavar="SECONDS", help="under torchrun: "
+                   "how long a process waits for the others before the job stops (default 1800)")
 
     p = sub.add_parser("caption", parents=[common], help="caption images (files or folders)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--model", help="checkpoint path, or 'default' for the built-in model "
                    "(default: models/best.pt in the workdir)")
+    ensemble_option(p)
     search_options(p)
     p.add_argument("--num-captions", type=positive_int, default=1, help="the N best distinct captions")
     p.add_argument("--output", help="PNG path for one image (default captioned_image.png); a folder for several")
@@ -124,12 +137,26 @@ def build_parser():
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--model", help="checkpoint path or 'default' (default: models/best.pt)")
+    ensemble_option(p)
     search_options(p)
     p.add_argument("--output", help="where to write the JSON report (default models/eval_<split>.json)")
+
+    p = sub.add_parser("export", parents=[common], help="a small caption-only copy of a model (fp16, no "
+                       "optimizer state), with its evaluation reports")
+    p.add_argument("--model", help="checkpoint to export (default: models/best.pt in the workdir)")
+    p.add_argument("--output", required=True, help="where to write it, e.g. captioning/assets/default_model.pt")
 
     p = sub.add_parser("demo", parents=[common], help="offline demo on generated shapes (about two minutes)")
     p.add_argument("--images", type=positive_int, default=600, help="images to generate (default 600)")
     p.add_argument("--epochs", type=positive_int, default=8)
+
+    p = sub.add_parser("dashboard", parents=[common], help="caption photos in the browser (a Streamlit app; "
+                       "pip install -r requirements-dashboard.txt)")
+    p.add_argument("--model", help="checkpoint to start with (default: models/best.pt in the workdir)")
+    p.add_argument("--image", help="a photo or folder to show at start, without uploading")
+    p.add_argument("--port", type=positive_int, default=8501, help="the local web port (default 8501)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser (e.g. on a server)")
+    p.add_argument("--no-segmentation", action="store_true", help="start with the segmentation view off")
     return parser
 
 
@@ -152,9 +179,12 @@ def _spec(args):
 
 
 def cmd_extract(args):
+    from .distributed import session
     from .train import prepare
-    _, records, store = prepare(clean_user_path(args.data), args.workdir, _spec(args), _extract_config(args))
-    console.print(f"Features for {len(store.paths):,} images in {store.folder}")
+    with session(args.device, args.dist_timeout) as device:   # under torchrun: one slice per process
+        args.device = device
+        _, records, store = prepare(clean_user_path(args.data), args.workdir, _spec(args), _extract_config(args))
+        console.print(f"Features for {len(store.paths):,} images in {store.folder}")
 
 
 def cmd_train(args):
@@ -163,10 +193,15 @@ def cmd_train(args):
     model = ModelConfig(decoder=args.decoder, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
                         attention_dim=args.attention_dim, context_dim=args.context_dim, dropout=args.dropout)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
-                      min_count=args.min_count, patience=args.patience, seed=args.seed, model=model)
-    best = train(clean_user_path(args.data), args.workdir, cfg, _spec(args), _extract_config(args), resume=args.resume)
-    if best:
-        console.print(f"Best model: {best}")
+                      min_count=args.min_count, patience=args.patience, seed=args.seed, amp=args.amp,
+                      compile=args.compile, model=model)
+    from .distributed import session
+    with session(args.device, args.dist_timeout) as device:   # under torchrun: DistributedDataParallel
+        args.device = device
+        best = train(clean_user_path(args.data), args.workdir, cfg, _spec(args), _extract_config(args),
+                     resume=args.resume)
+        if best:
+            console.print(f"Best model: {best}")
 
 
 def cmd_caption(args):
@@ -177,7 +212,7 @@ def cmd_caption(args):
     find_model(args.workdir, args.model)
     from .captioner import Captioner, caption_files
     from .search import SearchConfig
-    captioner = Captioner.load(args.model, args.workdir, args.device)
+    captioner = Captioner.load(args.model, args.workdir, args.device, [clean_user_path(p) for p in args.ensemble])
     cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions,
                        length_alpha=args.length_alpha)
     results = caption_files(captioner, inputs, cfg, args.output, args.attention, paths=paths)
@@ -197,7 +232,18 @@ def cmd_evaluate(args):
     from .search import SearchConfig
     evaluate_model(clean_user_path(args.data), args.split, args.model, args.workdir,
                    SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_alpha=args.length_alpha),
-                   args.device, args.output)
+                   args.device, args.output, ensemble=[clean_user_path(p) for p in args.ensemble])
+
+
+def cmd_export(args):
+    from .checkpoint import export_model, find_model
+    source = find_model(args.workdir, args.model)
+    # evaluate writes models/eval_<split>.json beside the model it scored
+    reports = {split: source.parent / f"eval_{split}.json" for split in ("val", "test")}
+    reports = {split: path for split, path in reports.items() if path.exists()}
+    out = export_model(source, args.output, reports)
+    found = ", ".join(reports) if reports else "none found beside the model"
+    console.print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; evaluation reports: {found})")
 
 
 def cmd_demo(args):
@@ -205,8 +251,44 @@ def cmd_demo(args):
     run_demo(args.workdir, n_images=args.images, epochs=args.epochs, device=args.device, seed=args.seed)
 
 
+def cmd_dashboard(args):
+    """Start `streamlit run captioning/dashboard.py` in this Python; Ctrl-C stops it. Streamlit is optional,
+    so it is only looked for here, never imported by the CLI."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+    if importlib.util.find_spec("streamlit") is None:
+        raise CaptioningError("The dashboard needs Streamlit, which is not installed: "
+                              "pip install -r requirements-dashboard.txt")
+    app = [f"--workdir={os.path.abspath(args.workdir)}", f"--device={args.device}"]
+    if args.model:
+        app.append(f"--model={args.model if args.model == 'default' else os.path.abspath(args.model)}")
+    if args.image:
+        app.append(f"--image={os.path.abspath(clean_user_path(args.image))}")
+    if args.no_segmentation:
+        app.append("--no-segmentation")
+    command = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("dashboard.py")),
+               f"--server.port={args.port}", "--browser.gatherUsageStats=false", "--server.fileWatcherType=none",
+               "--client.toolbarMode=minimal",
+               f"--server.headless={'true' if args.headless else 'false'}", "--", *app]
+    console.print(f"Dashboard at http://localhost:{args.port} (Ctrl-C stops it).")
+    server = subprocess.Popen(command)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:   # the terminal sent Ctrl-C to streamlit too; let it shut down
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        console.print("Dashboard stopped.")
+        return
+    if code != 0:
+        raise CaptioningError(f"The dashboard stopped with exit code {code} (see its messages above).")
+
+
 COMMANDS = {"download": cmd_download, "extract": cmd_extract, "train": cmd_train, "caption": cmd_caption,
-            "evaluate": cmd_evaluate, "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo,
+            "dashboard": cmd_dashboard}
 
 
 def run_guarded(fn, debug=False):

@@ -282,10 +282,12 @@ def print_metrics_table(scores, title="Caption metrics"):
     console.print(table)
 
 
-def write_report(path, scores, captions):
-    """Write {"scores": {...}, "captions": [...]} as JSON, atomically (readers never see half a file)."""
+def write_report(path, scores, captions, settings=None):
+    """Write {"scores": {...}, "settings": {...}, "captions": [...]} as JSON, atomically (readers never
+    see half a file). `settings` says how the captions were made (split, search), so a score is never
+    separated from what it measured."""
     report = {"scores": {k: (None if v is None else float(v)) for k, v in scores.items()},
-              "captions": list(captions)}
+              "settings": dict(settings or {}), "captions": list(captions)}
     return atomic_write_json(path, report)
 
 
@@ -293,7 +295,7 @@ def write_report(path, scores, captions):
 # a model on a dataset split
 
 def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=None, device="auto", output=None,
-                   batch_size=100):
+                   batch_size=100, ensemble=()):
     """Caption every image of `split` (features from the cache, extracted when missing) with batched beam
     search, score against all references, print the table and write the JSON report. Returns the scores."""
     import torch
@@ -305,7 +307,7 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     from .utils import add_task, advance_task, make_progress
 
     search_cfg = search_cfg or SearchConfig()
-    captioner = Captioner.load(model, workdir, device)
+    captioner = Captioner.load(model, workdir, device, ensemble)
     _, records, store = prepare(data_dir, workdir, captioner.spec, ExtractConfig(device=device))
     records = [r for r in records if r.split == split]
     if not records:
@@ -323,7 +325,9 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     scores = score_captions(dict(zip(keys, captions)), {str(r.image): r.captions for r in records})
     print_metrics_table(scores, title=f"{split} split, {len(records):,} images, beam {search_cfg.beam_size}")
     output = output or (Path(workdir) / "models" / f"eval_{split}.json")
+    settings = {"split": split, "images": len(records), "model": str(captioner.source), "beam_size": search_cfg.beam_size,
+                "length_alpha": search_cfg.length_alpha, "max_len": search_cfg.max_len}
     write_report(output, scores, [{"image": k, "caption": c, "references": r.captions}
-                                  for k, c, r in zip(keys, captions, records)])
+                                  for k, c, r in zip(keys, captions, records)], settings)
     console.print(f"Report written to {output}")
     return scores

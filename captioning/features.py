@@ -7,16 +7,19 @@ The cache for one (encoder, image list) pair is a folder under `<workdir>/cache/
     progress.json  how many rows are finished, which images could not be read, whether it is complete
 Rows are written in place and `progress.json` is replaced atomically only after they are flushed, so a
 killed run leaves a cache whose recorded rows are all valid: the next run continues from there and ends
-with exactly the cache an uninterrupted run writes.
+with exactly the cache an uninterrupted run writes. Under torchrun each rank writes a contiguous slice of
+whole batches with its own marker, progress-<first>-<end>.json; rank 0 marks the cache complete once all
+are done: the same bytes as one process writes.
 
 Speed (figures in bench/README.md). BatchNorm layers are folded into the convolutions before them (the
 same features up to float rounding, up to 2x faster on a CPU). A CPU wants small batches in channels_last
 layout, and the best batch size differs by encoder and machine, so it is measured: the first large
 extraction spends a few seconds timing forward passes per candidate setting and remembers the fastest in
 `<workdir>/cache/calibration.json` (keyed by encoder, device and thread count). Images are decoded,
-resized and cropped ahead in a background thread (Pillow releases the GIL) and cross over as uint8; the
-conversion to float and the normalisation run per batch, with the same arithmetic as the encoder's own
-transform. On a GPU, decoding runs in worker processes instead and the CNN in fp16.
+resized and cropped as uint8 (in background threads only on cores torch leaves free: on a CPU whose
+cores all run the CNN, a decoder beside them costs more than it saves); the conversion to float and the
+normalisation run per batch, with the same arithmetic as the encoder's own transform. On a GPU, decoding
+runs in worker processes and the CNN in fp16.
 """
 import contextlib
 import hashlib
@@ -25,7 +28,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
+from . import distributed
 from .encoders import EncoderSpec, build_encoder, concrete_spec, draft_size_for, load_image
 from .utils import CaptioningError, atomic_write_json, add_task, advance_task, console, make_progress
 
@@ -41,15 +45,17 @@ CACHE_VERSION = 1
 CALIBRATE_MIN_IMAGES = 1000   # below this, a few seconds of calibration cannot pay for themselves
 CPU_BATCH = 4                 # uncalibrated CPU default: within ~5% of the best for mobilenet_v2/resnet18/50
 GPU_BATCH = 64
+SHARE_EVERY_S = 5.0           # how often extraction re-checks how busy other programs keep the CPU
 
 
 @dataclass
 class ExtractConfig:
     batch_size: int | None = None      # None: calibrated for the encoder and device (or a measured default)
-    num_workers: int | None = None     # decoding processes; None: a background thread on CPU, processes on GPU;
-    #                                    0: decode in the main thread
+    num_workers: int | None = None     # decoding processes; None: on a CPU, threads on the cores torch leaves
+    #                                    free (else inline), on a GPU processes; 0: decode in the main thread
     channels_last: bool | None = None  # None: as calibrated (on CPUs it is up to 2x faster for these CNNs)
     threads: int | None = None         # torch compute threads while extracting; None: torch's own setting
+    decode_threads: int | None = None  # background decoding threads (no workers); None: cores torch leaves free
     calibrate: bool | None = None      # None: when at least CALIBRATE_MIN_IMAGES images are to be done
     device: str = "auto"
     flush_every_s: float = 10.0        # how much work a kill can cost at most
@@ -111,6 +117,42 @@ def fold_batchnorm(module):
     for child in module.children():
         fold_batchnorm(child)
     return module
+
+
+# --- sharing the CPU with other programs ------------------------------------------------------------
+
+class CpuShare:
+    """How many cores other programs keep busy: all CPU time from /proc/stat minus this process's own
+    (Linux; elsewhere it reports 0 and nothing changes). torch's OpenMP threads spin while they wait for
+    each other, so next to another busy program N threads on N cores run 1.3-3x slower than fewer
+    threads would (bench/threads.py). Extraction therefore uses the cores others leave, re-checked as it
+    goes. Worker processes would count as "others": only used when decoding runs in this process."""
+
+    def __init__(self):
+        self.last = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:9]]
+            busy = (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+        except (OSError, ValueError, AttributeError):
+            return None
+        return busy, sum(os.times()[:2]), time.monotonic()
+
+    def others(self):
+        """Cores other processes kept busy since the last call (or since this was made)."""
+        now = self._read()
+        if now is None or self.last is None or now[2] - self.last[2] < 0.05:
+            return 0.0
+        (busy0, own0, t0), (busy1, own1, t1) = self.last, now
+        self.last = now
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+
+    def threads(self, wanted):
+        """Compute threads to use: `wanted`, less one for each core others keep busy (at least one)."""
+        return max(1, wanted - int(self.others() + 0.5))
 
 
 # --- calibration -----------------------------------------------------------------------------------
@@ -188,19 +230,22 @@ def _read_json(path):
         return {}  # missing or damaged: calibrate again rather than fail
 
 
-def choose_settings(cfg: ExtractConfig, device, name, trunk, crop, workdir, todo):
+def choose_settings(cfg: ExtractConfig, device, name, trunk, crop, workdir, todo, busy=False):
     """Settings for this extraction: what the user gave, else what was measured before, else measure now
-    (large jobs only), else defaults that are near the best on the CPUs measured."""
+    (large jobs on a machine not `busy` with other work, whose timings would mislead), else defaults that
+    are near the best on the CPUs measured."""
     on_cpu = device.type == "cpu"
     threads = cfg.threads or torch.get_num_threads()
     cpus = os.cpu_count() or 1
     if cfg.num_workers is not None:
         workers, decode_threads = cfg.num_workers, 0
     elif on_cpu:
-        # One thread decodes a 224-500 px JPEG several times faster than two cores run the CNN on it;
-        # worker processes would cost start-up and inter-process copies for nothing (bench/extract_speed.py).
-        # More cores run the CNN faster, so more decoders; idle ones cost nothing (they only run ahead).
-        workers, decode_threads = 0, max(1, cpus // 4)
+        # Decoding takes a fraction of what the CNN does per image, and the CNN's OpenMP threads must not
+        # share their cores: a decoder that preempts one of them leaves the others spinning at the next
+        # barrier (measured on 2 cores: decoding inline 194 img/s, in a background thread 171, in a worker
+        # process 146; bench/README.md). So background decoding only on cores torch leaves free.
+        workers = 0
+        decode_threads = cfg.decode_threads if cfg.decode_threads is not None else min(4, max(0, cpus - threads))
     else:
         workers, decode_threads = max(1, min(8, cpus - 1)), 0
 
@@ -209,7 +254,7 @@ def choose_settings(cfg: ExtractConfig, device, name, trunk, crop, workdir, todo
         key = calibration_key(name, device, threads)
         store = Path(workdir) / "cache" / "calibration.json"
         known = _read_json(store).get(key)
-        wanted = cfg.calibrate if cfg.calibrate is not None else todo >= CALIBRATE_MIN_IMAGES
+        wanted = cfg.calibrate if cfg.calibrate is not None else (todo >= CALIBRATE_MIN_IMAGES and not busy)
         if isinstance(known, dict) and {"batch_size", "channels_last"} <= known.keys():
             batch, source = int(known["batch_size"]), "remembered"
             channels_last = known["channels_last"] if channels_last is None else channels_last
@@ -435,48 +480,106 @@ def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = Ext
     folder = cache_dir_for(workdir, spec, paths)
     progress_file = folder / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else None
+    sharded = distributed.world_size() > 1   # under torchrun: each rank extracts one slice of the rows
+    if sharded:
+        distributed.check_same(progress and progress.get("complete"), f"The processes of this job see different "
+                               f"feature caches in {folder}: on several machines --workdir must be a shared folder.")
     if progress and progress.get("complete"):
         console.print(f"Reusing cached features: {folder}")
         return open_store(folder)
 
     device = pick_device(cfg.device)
+    share = CpuShare() if cfg.threads is None and device.type == "cpu" and not sharded else None  # measures now
+    if sharded and cfg.calibrate is None:
+        # Ranks must batch alike (and each rank's peers would look like other programs' load to a
+        # calibration): under torchrun, the given, remembered or default settings.
+        cfg = replace(cfg, calibrate=False)
     trunk, transform = build_encoder(spec)
     trunk = fold_batchnorm(trunk).to(device)
     prep = Preprocess(transform)
     start = progress["done"] if progress else 0
-    with _torch_threads(cfg.threads or torch.get_num_threads()):
-        settings = choose_settings(cfg, device, spec.name, trunk, prep.crop, workdir, len(paths) - start)
+    wanted = cfg.threads or torch.get_num_threads()
+    threads = share.threads(wanted) if share else wanted
+    if threads < wanted:
+        console.print(f"Other programs are keeping the CPU busy: extracting with {threads} of {wanted} threads.")
+    with _torch_threads(threads):
+        settings = choose_settings(cfg, device, spec.name, trunk, prep.crop, workdir, len(paths) - start,
+                                   busy=threads < wanted)
+        if settings.workers:
+            share = None  # worker processes' CPU time would look like other programs' load
         _set_format(trunk, settings.channels_last)
         channels, cells, hw = _probe_shape(trunk, prep.crop, device, settings.channels_last)
 
         folder.mkdir(parents=True, exist_ok=True)
-        if progress is None:  # a fresh cache: allocate the files, then record that zero rows are done
+        if progress is None and distributed.is_main():  # a fresh cache: allocate, then record 0 rows done
             atomic_write_json(folder / "images.json", paths)
             np.lib.format.open_memmap(folder / "grid.npy", "w+", np.float16, (len(paths), cells, channels)).flush()
             np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float16, (len(paths), channels)).flush()
             progress = {"version": CACHE_VERSION, "encoder": spec.to_dict(), "done": 0, "bad": [],
                         "grid_hw": list(hw), "complete": False}
             atomic_write_json(progress_file, progress)
+        distributed.barrier()  # the files exist before any rank writes into them
+        lo, hi, marker = 0, len(paths), progress_file
+        if sharded:  # rows [lo, hi), whole batches, with their own progress marker (resumable on their own)
+            distributed.check_same(settings.batch_size, "The processes of this job chose different batch sizes; "
+                                   "pass --extract-batch-size.")
+            lo, hi = distributed.shard_range(len(paths), align=settings.batch_size)
+            marker = folder / f"progress-{lo}-{hi}.json"
+            progress = json.loads(marker.read_text()) if marker.exists() else {"start": lo, "stop": hi, "done": lo,
+                                                                                "bad": []}
+            start = progress["done"]
         bad = list(progress["bad"])
         console.print(f"[dim]Batches of {settings.batch_size}{', channels_last' if settings.channels_last else ''}, "
                       f"{_decoding(settings)}, {settings.threads} compute thread(s) ({settings.source}).[/]")
-        if start:
+        if start > lo:
             console.print(f"Resuming feature extraction at image {start:,} of {len(paths):,}.")
-        _run(paths, start, trunk, prep, settings, device, folder, progress, bad, cfg.flush_every_s, spec.name)
-    if bad:
-        console.print(f"[yellow]{len(bad)} image(s) could not be read and will be left out.[/]")
-    return open_store(folder)
+        _run(paths[:hi], start, trunk, prep, settings, device, folder, marker, progress, bad, cfg.flush_every_s,
+             spec.name, share, wanted)
+    if sharded:
+        distributed.barrier()  # every slice is written
+        if distributed.is_main():
+            _merge_slices(folder, len(paths), settings.batch_size)
+        distributed.barrier()
+    else:
+        _drop_slice_markers(folder)
+    store = open_store(folder)
+    if store.bad:
+        console.print(f"[yellow]{len(store.bad)} image(s) could not be read and will be left out.[/]")
+    return store
 
 
-def _run(paths, start, trunk, prep, settings, device, folder, progress, bad, flush_every_s, name):
+def _merge_slices(folder, n_rows, batch_size):
+    """Rank 0, once every rank has finished its slice: one progress.json exactly as a single process writes
+    it (the slices are contiguous and in rank order, so their unreadable images are in row order too)."""
+    progress, bad = json.loads((folder / "progress.json").read_text()), []
+    for r in range(distributed.world_size()):
+        lo, hi = distributed.shard_range(n_rows, r, align=batch_size)
+        part = json.loads((folder / f"progress-{lo}-{hi}.json").read_text())
+        if not part.get("complete"):
+            raise CaptioningError(f"Rows {lo}-{hi} of the feature cache in {folder} are not finished; run again.")
+        bad += part["bad"]
+    atomic_write_json(folder / "progress.json", {**progress, "done": n_rows, "bad": bad, "complete": True})
+    _drop_slice_markers(folder)
+
+
+def _drop_slice_markers(folder):
+    """The per-rank markers of torchrun extractions, once the whole cache is complete (any world size)."""
+    for f in folder.glob("progress-*.json"):
+        f.unlink(missing_ok=True)
+
+
+def _run(paths, start, trunk, prep, settings, device, folder, marker, progress, bad, flush_every_s, name, share,
+         wanted):
+    """Rows `start` to len(paths) into the cache; `marker` (progress.json, or a rank's own) records how far."""
     grid, pooled = RowWriter(folder / "grid.npy"), RowWriter(folder / "pooled.npy")
 
     def checkpoint(done, complete=False):
         grid.flush()
         pooled.flush()  # rows reach the disk before the marker says they exist
-        atomic_write_json(folder / "progress.json", {**progress, "done": done, "bad": bad, "complete": complete})
+        atomic_write_json(marker, {**progress, "done": done, "bad": bad, "complete": complete})
 
     done, last_flush = start, time.monotonic()
+    last_share = last_flush
     batches = image_batches(paths, start, prep, settings, device)
     try:
         with make_progress() as bar, torch.inference_mode(), _autocast(device):
@@ -493,6 +596,9 @@ def _run(paths, start, trunk, prep, settings, device, folder, progress, bad, flu
                 if time.monotonic() - last_flush > flush_every_s:
                     checkpoint(done)
                     last_flush = time.monotonic()
+                if share and time.monotonic() - last_share > SHARE_EVERY_S:
+                    torch.set_num_threads(share.threads(wanted))  # others started or stopped meanwhile
+                    last_share = time.monotonic()
         checkpoint(done, complete=True)
     finally:
         if hasattr(batches, "close"):

@@ -12,14 +12,16 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from .checkpoint import describe, find_model, read_summary
+from .checkpoint import BUILTIN, describe, find_model, read_summary
 from .utils import CaptioningError, atomic_write_json, clean_user_path, failure_message
 
 out = Console(highlight=False)
 
 OPTIONS = [("1", "Download a dataset (Kaggle) or choose a local one"), ("2", "Extract image features"),
            ("3", "Train a caption model"), ("4", "Caption images"), ("5", "Evaluate the model"),
-           ("6", "Quick demo (offline, about two minutes)"), ("7", "Quit")]
+           ("6", "Quick demo (offline, about two minutes)"), ("7", "Quit"),
+           ("8", "Open the web dashboard in your browser (Ctrl-C comes back here)")]
+# The dashboard came after Quit was 7; it is 8 so that scripts and habits that quit with 7 still do.
 
 
 class Back(Exception):
@@ -98,6 +100,8 @@ def model_status(workdir):
         return "[yellow]none yet[/] — train one (3) or run the demo (6)"
     summary = read_summary(path)
     where = escape(str(path))
+    if path == BUILTIN:
+        where = "the built-in Flickr8k model; train your own with (3)"
     return f"{escape(describe(summary))}\n[dim]{where}[/]" if summary else where
 
 
@@ -187,12 +191,17 @@ def do_evaluate(state):
     run_command(state, ["evaluate", f"--data={data}", f"--split={split}", f"--beam-size={beam}"])
 
 
+def do_dashboard(state):
+    run_command(state, ["dashboard"])   # runs until Ctrl-C, which brings the menu back
+
+
 def do_demo(state):
     from .demo import run_demo
     run_demo(state.args.workdir, device=state.args.device, seed=state.args.seed)
 
 
-ACTIONS = {"1": do_download, "2": do_extract, "3": do_train, "4": do_caption, "5": do_evaluate, "6": do_demo}
+ACTIONS = {"1": do_download, "2": do_extract, "3": do_train, "4": do_caption, "5": do_evaluate, "6": do_demo,
+           "8": do_dashboard}
 
 
 def run_menu(args):

@@ -6,6 +6,7 @@ token t+1 from tokens up to t. Both expose the same two-call interface for searc
     logits, state, alpha = decoder.step(tokens, state)
 so greedy and beam search are written once, for both.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,6 +54,7 @@ class FeatureNorm(nn.Module):
 class ShowTellDecoder(nn.Module):
     """Vinyals et al. 2015: the image embedding takes the place of `<start>`, then a fused nn.LSTM."""
     uses_grid = False
+    per_image = ("image",)   # state that depends on the image only, not on the words so far (see search.py)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -100,6 +102,7 @@ class AttentionDecoder(nn.Module):
     """Xu et al. 2015, soft attention: at each word the LSTM looks at a weighted mix of the grid cells,
     scaled by a learnt gate; a doubly stochastic penalty asks every cell to be looked at about once."""
     uses_grid = True
+    per_image = ("feats", "proj")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -166,6 +169,35 @@ class AttentionDecoder(nn.Module):
     def attention_penalty(alphas):
         """Doubly stochastic regularisation: over a caption, each cell's total attention should be ~1."""
         return ((1.0 - alphas.sum(1)) ** 2).mean()
+
+
+class Ensemble(nn.Module):
+    """Several decoders trained on the same features and vocabulary, searched as one: each word's
+    probability is the mean of theirs. Models from different runs make different mistakes, so the mean
+    is better than each (at the cost of running every member at every step)."""
+
+    def __init__(self, decoders):
+        super().__init__()
+        self.members = nn.ModuleList(decoders)
+        self.uses_grid = any(d.uses_grid for d in decoders)   # pooled features are the grid's mean
+        self.per_image = tuple(f"{i}.{k}" for i, d in enumerate(decoders) for k in getattr(d, "per_image", ()))
+
+    def init_state(self, features):
+        pooled = features.mean(1) if features.dim() == 3 else features
+        return {f"{i}.{k}": v for i, d in enumerate(self.members)
+                for k, v in d.init_state(features if d.uses_grid else pooled).items()}
+
+    def step(self, tokens, state):
+        logps, new, alphas = [], {}, []
+        for i, d in enumerate(self.members):
+            mine = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")}
+            logits, mine, alpha = d.step(tokens, mine)
+            logps.append(logits.float().log_softmax(-1))
+            new.update({f"{i}.{k}": v for k, v in mine.items()})
+            if alpha is not None:
+                alphas.append(alpha)
+        mean = torch.logsumexp(torch.stack(logps), 0) - math.log(len(logps))  # log of the mean probability
+        return mean, new, (torch.stack(alphas).mean(0) if alphas else None)
 
 
 def build_decoder(cfg: ModelConfig):

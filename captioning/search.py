@@ -46,6 +46,10 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
     k_kept = max(k, cfg.num_captions)          # finished hypotheses to collect before an image is done
     device = features.device
     state = {key: v.repeat_interleave(k, 0) for key, v in decoder.init_state(features).items()}
+    # What depends on the image alone (the grid and its attention keys) is the same for an image's K beams,
+    # and beams never move between images: it is set aside once instead of being copied at every step as
+    # the beams are reordered (on the attention decoder, beam 3 runs 1.3x faster; bench/beam_speed.py).
+    fixed = {key: state.pop(key) for key in getattr(decoder, "per_image", ()) if key in state}
     tokens = torch.full((b * k,), START, dtype=torch.long, device=device)
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0                          # all beams start equal: keep one so results are not K copies
@@ -55,7 +59,8 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
     done = torch.zeros(b, dtype=torch.bool)
 
     for t in range(cfg.max_len):
-        logits, state, alpha = decoder.step(tokens, state)
+        logits, state, alpha = decoder.step(tokens, {**state, **fixed})
+        state = {key: v for key, v in state.items() if key not in fixed}
         logp = logits.float().log_softmax(-1)
         vocab = logp.shape[1]
         logp[:, [PAD, START, UNK]] = float("-inf")

@@ -4,7 +4,11 @@ Batches are bucketed by caption length, so almost no step is spent on padding. A
 split is captioned greedily and scored (BLEU-4, CIDEr-D); `best.pt` is the epoch with the best dev
 CIDEr-D, the learning rate halves when it stalls, and training stops early when it stops improving.
 `last.pt` holds everything needed to resume exactly: weights, optimiser, scheduler, RNG, history.
+
+Under torchrun (captioning/distributed.py) every rank trains on its part of each global batch with
+DistributedDataParallel; rank 0 alone scores the dev split, shares the scores and writes the files.
 """
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import load_checkpoint, models_dir, save_checkpoint
 from .datasets import load_dataset
 from .encoders import EncoderSpec, concrete_spec
@@ -38,7 +43,12 @@ class TrainConfig:
     lr_patience: int = 1           # epochs without improvement before halving the learning rate
     dev_images: int = 1000         # dev images decoded each epoch (scored against all their references)
     seed: int = 0
+    amp: bool | None = None        # mixed precision on CUDA (None: on); ignored elsewhere
+    compile: bool = False          # torch.compile the decoder (worth it on GPUs for long runs)
     model: ModelConfig = field(default_factory=ModelConfig)
+
+
+RUNTIME = ("epochs", "amp", "compile")   # how to run, not what to learn: --resume takes them from the command
 
 
 @dataclass
@@ -122,12 +132,22 @@ def feature_stats(store, rows, grid):
     return mean, np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
 
 
-def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig, image_index=None):
+def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig, image_index=None, weights=(1.0, 1.0)):
+    """Mean cross-entropy per token (+ the attention penalty, a mean per caption), times `weights`:
+    (token, caption) weights that make a rank's loss its share of the whole global batch's."""
     logits, targets, alphas = decoder(feats, batch_tokens, batch_lengths, image_index)
-    loss = caption_loss(logits, targets, cfg.label_smoothing)
+    loss = caption_loss(logits, targets, cfg.label_smoothing) * weights[0]
     if alphas is not None and cfg.att_reg:
-        loss = loss + cfg.att_reg * AttentionDecoder.attention_penalty(alphas)
+        loss = loss + cfg.att_reg * AttentionDecoder.attention_penalty(alphas) * weights[1]
     return loss, len(targets)
+
+
+def amp_dtype(device, amp):
+    """The autocast type for training: None (float32) off CUDA or with --no-amp; else bf16 where the GPU
+    has it (no loss scaling needed), fp16 with a GradScaler where not."""
+    if device.type != "cuda" or amp is False:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @torch.inference_mode()
@@ -184,11 +204,10 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
     if resume:
         if not last_path.exists():
             raise CaptioningError(f"Nothing to resume: {last_path} does not exist; train without --resume first.")
-        ckpt = load_checkpoint(last_path)
+        ckpt = load_checkpoint(last_path)              # every rank reads the same file
         spec = EncoderSpec(**ckpt["encoder"])           # the features must be the ones it was trained on
-        epochs = cfg.epochs
-        cfg = TrainConfig(**{**ckpt["train_config"], "model": ModelConfig(**ckpt["model_config"])})
-        cfg.epochs = epochs
+        runtime = {k: getattr(cfg, k) for k in RUNTIME}
+        cfg = TrainConfig(**{**ckpt["train_config"], "model": ModelConfig(**ckpt["model_config"]), **runtime})
     spec = concrete_spec(spec)
     _, records, store = prepare(data_dir, workdir, spec, extract_cfg)
     splits = {s: [r for r in records if r.split == s] for s in ("train", "val")}
@@ -199,10 +218,17 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
     row_of = store.row_of()
     train_data = encode_split(splits["train"], vocab, row_of, cfg.max_words)
     val_data = encode_split(splits["val"], vocab, row_of, cfg.max_words)
+    distributed.check_same(int(train_data.tokens.sum() + train_data.rows.sum()) + len(vocab), "The processes of "
+                           "this job see different training data: on several machines, give each the same dataset.")
 
     torch.manual_seed(cfg.seed)
     cfg.model = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(vocab), "feat_dim": store.channels})
     decoder = build_decoder(cfg.model).to(device)
+    model = distributed.wrap(decoder, device)       # what trains; `decoder` is what is saved and scored
+    if cfg.compile:
+        model = torch.compile(model, dynamic=True)  # caption lengths vary: one graph for all shapes
+    amp = amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=cfg.lr_patience)
@@ -221,14 +247,24 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
         decoder.norm.set_stats(mean, std)
 
     console.print(f"Training the {cfg.model.decoder} decoder on {spec.name} features: {len(vocab):,} words, "
-                  f"{len(train_data.lengths):,} train captions, {len(splits['val']):,} dev images, device {device}.")
-    epoch = start_epoch - 1
+                  f"{len(train_data.lengths):,} train captions, {len(splits['val']):,} dev images, device {device}"
+                  f"{f', mixed precision ({amp})' if amp else ''}.")
+    world = distributed.world_size()
+    if world > 1:
+        console.print(f"{world} processes ({distributed.backend()}): global batch = {cfg.batch_size} per process × "
+                      f"{world} = {cfg.batch_size * world} captions a step; learning rate {cfg.lr:g} as given "
+                      "(not scaled with the number of processes).")
+    saved = start_epoch - 1   # the last epoch in last.pt
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.time()
-            train_loss = train_epoch(decoder, optimizer, store, train_data, cfg, generator, device, epoch)
-            val_loss = validation_loss(decoder, store, val_data, cfg, device)
-            scores = dev_scores(decoder, store, splits["val"], vocab, row_of, device, cfg.dev_images)
+            train_loss = train_epoch(decoder, optimizer, store, train_data, cfg, generator, device, epoch, model, scaler)
+
+            def evaluate():  # rank 0 only; the others get its figures, so every rank decides alike below
+                return {"val_loss": validation_loss(decoder, store, val_data, cfg, device),
+                        **dev_scores(decoder, store, splits["val"], vocab, row_of, device, cfg.dev_images)}
+            scores = distributed.from_main(("val_loss", "BLEU-4", "CIDEr-D"), evaluate)
+            val_loss = scores.pop("val_loss")
             scheduler.step(scores["CIDEr-D"])
             improved = scores["CIDEr-D"] > best
             best = max(best, scores["CIDEr-D"])
@@ -240,19 +276,22 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
                     "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
                     "generator_state": generator.get_state(), "torch_rng_state": torch.get_rng_state(),
                     "epoch": epoch, "best_score": best, "best_metric": "CIDEr-D"}
-            if improved:  # best first: a kill between the two saves must not leave best.pt behind last.pt
-                save_checkpoint(best_path, ckpt)
-            save_checkpoint(last_path, ckpt)
+            if distributed.is_main():  # the one writer of the job
+                if improved:  # best first: a kill between the two saves must not leave best.pt behind last.pt
+                    save_checkpoint(best_path, ckpt)
+                save_checkpoint(last_path, ckpt)
+            saved = epoch
             console.print(f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
                           f"dev BLEU-4 {scores['BLEU-4']:.3f}, CIDEr-D {scores['CIDEr-D']:.3f}"
                           f"{' (best)' if improved else ''}, {time.time() - t0:.0f}s")
-            save_curves(history, out_dir / "curves.png")
+            if distributed.is_main():
+                save_curves(history, out_dir / "curves.png")
             since_best = epoch - max(h["epoch"] for h in history if h["best"])
             if since_best >= cfg.patience:
                 console.print(f"Stopping early: no better dev CIDEr-D for {cfg.patience} epochs.")
                 break
     except KeyboardInterrupt:
-        done = f"epoch {epoch - 1} is saved in {last_path}" if epoch > 1 else "no epoch had finished"
+        done = f"epoch {saved} is saved in {last_path}" if saved else "no epoch had finished"
         console.print(f"[yellow]Training interrupted; {done}. Continue with --resume.[/]")
         if not best_path.exists():
             return None
@@ -267,24 +306,56 @@ def save_curves(history, path):
         console.print(f"[yellow]Could not draw the training curves: {e}[/]")
 
 
-def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch):
-    decoder.train()
-    batches = make_batches(decoder, data, cfg.batch_size, generator)
-    total, count = 0.0, 0
+def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch, model=None, scaler=None):
+    """One pass over the training captions; returns the mean loss per token. `model` is what runs the
+    steps (the decoder wrapped for DDP or compiled). Under torchrun every rank builds the same global
+    batches of batch_size × world size captions (same generator, same seed) and trains on its own part."""
+    model = model or decoder
+    model.train()
+    world = distributed.world_size()
+    batches = make_batches(decoder, data, cfg.batch_size * world, generator)
+    if world > 1:  # each rank needs a part of every step, or the others would wait for its gradients
+        batches = [b for b in batches if len(b) >= world]
+    amp = amp_dtype(device, cfg.amp)
+    total, count = 0.0, 0.0
     with make_progress(transient=True) as bar:
         task = add_task(bar, f"Epoch {epoch}/{cfg.epochs}", len(batches), unit="batch")
         for idx in batches:
-            feats, index = load_unique(store, data.rows[idx], decoder.uses_grid, device)
-            width = int(data.lengths[idx].max())
-            loss, n = decoder_loss(decoder, feats, data.tokens[idx, :width].to(device),
-                                   data.lengths[idx].to(device), cfg, index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip)
-            optimizer.step()
+            part = distributed.batch_part(idx)
+            # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the batch's
+            # tokens (captions, for the attention penalty) × world size gives the whole batch's gradient.
+            tokens = int((data.lengths[idx] - 1).sum())
+            weights = (world * int((data.lengths[part] - 1).sum()) / tokens, world * len(part) / len(idx))
+            feats, index = load_unique(store, data.rows[part], decoder.uses_grid, device)
+            width = int(data.lengths[part].max())
+            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                loss, _ = decoder_loss(model, feats, data.tokens[part, :width].to(device),
+                                       data.lengths[part].to(device), cfg, index, weights)
+            norm = optimizer_step(loss, optimizer, decoder.parameters(), cfg.clip, scaler)
             value = loss.item()
-            if not math.isfinite(value):
+            # The gradient norm is the same on every rank: a NaN anywhere stops all ranks at the same step.
+            # (With fp16's GradScaler an infinite gradient only skips the step.)
+            if not math.isfinite(value) or (scaler is None and not math.isfinite(norm)):
                 raise CaptioningError("Training diverged (the loss became NaN); try a lower --lr.")
-            total, count = total + value * n, count + n
+            total, count = total + value * tokens / world, count + tokens / world
             advance_task(bar, task, info=f"loss {total / count:.3f}")
+    total, count = distributed.all_sum(total, count)
     return total / max(count, 1)
+
+
+
+def optimizer_step(loss, optimizer, params, clip, scaler=None):
+    """Backward pass, gradient clipping, update; through fp16's GradScaler when there is one (it skips the
+    update when a gradient overflowed). Returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        return norm
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return norm

@@ -224,8 +224,9 @@ def test_write_report_is_valid_json_and_atomic(tmp_path):
     import numpy as np
     path = tmp_path / "reports" / "eval.json"
     captions = [{"image": "img1.jpg", "caption": "a dog", "references": ["A dog."]}]
-    write_report(path, {"BLEU-4": np.float64(0.25), "METEOR": None}, captions)
-    assert json.loads(path.read_text()) == {"scores": {"BLEU-4": 0.25, "METEOR": None}, "captions": captions}
+    write_report(path, {"BLEU-4": np.float64(0.25), "METEOR": None}, captions, {"split": "test", "beam_size": 3})
+    assert json.loads(path.read_text()) == {"scores": {"BLEU-4": 0.25, "METEOR": None},
+                                            "settings": {"split": "test", "beam_size": 3}, "captions": captions}
     # A failing write leaves the previous report whole and no temporary file behind.
     with pytest.raises(TypeError):
         write_report(path, {"BLEU-4": 0.5}, [{"image": object()}])

@@ -167,3 +167,38 @@ def test_cuda_requested_without_cuda(monkeypatch):
         pick_device("cuda")
     assert pick_device("auto") == torch.device("cpu")
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_torchrun_slices_resume_and_merge_into_the_single_process_cache(reference, paths, tmp_path, monkeypatch):
+    """Under torchrun each rank writes its own batch-aligned slice of the rows with its own progress marker
+    (played here one rank after the other, in this process); an interrupted slice resumes on its own, and
+    once every slice is done rank 0 marks the cache complete: exactly the single-process cache."""
+    from captioning import distributed
+    cfg = ExtractConfig(batch_size=4, num_workers=0, device="cpu", channels_last=True, flush_every_s=0)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda: None)           # the other rank is "done" already
+    monkeypatch.setattr(distributed, "check_same", lambda value, message: None)
+
+    def as_rank(r, interrupt_on_batch=None):
+        monkeypatch.setattr(distributed, "rank", lambda: r)
+        return record_trunk(monkeypatch, interrupt_on_batch)
+
+    first = as_rank(0, interrupt_on_batch=2)          # rank 0 allocates the files, then is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(paths, SPEC, tmp_path, cfg)
+    assert first[0].batches == [4]
+    folder = next((tmp_path / "cache").iterdir())
+    assert json.loads((folder / "progress-0-12.json").read_text())["done"] == 4
+
+    second = as_rank(1)                                # rank 1: rows 12-23, then waits for rank 0's merge
+    with pytest.raises(CaptioningError, match="not finished"):
+        extract_features(paths, SPEC, tmp_path, cfg)
+    assert second[0].batches == [4, 4, 4]
+    assert json.loads((folder / "progress-12-24.json").read_text())["complete"]
+
+    third = as_rank(0)                                 # rank 0 resumes its slice and merges
+    store = extract_features(paths, SPEC, tmp_path, cfg)
+    assert third[0].batches == [4, 4]
+    assert np.array_equal(store.grid, reference.grid) and np.array_equal(store.pooled, reference.pooled)
+    assert (folder / "progress.json").read_bytes() == (reference.folder / "progress.json").read_bytes()
+    assert not list(folder.glob("progress-*.json"))

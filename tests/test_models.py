@@ -58,3 +58,27 @@ def test_feature_norm_standardises():
     decoder.norm.set_stats([1.0, 2.0, 3.0], [2.0, 2.0, 0.0])
     out = decoder.norm(torch.tensor([[3.0, 2.0, 3.0]]))
     assert torch.allclose(out, torch.tensor([[1.0, 0.0, 0.0]]))  # std 0 is clamped, not a division by zero
+
+
+def test_ensemble_of_one_is_the_model_and_of_two_is_the_mean_probability():
+    from captioning.models import Ensemble
+    from captioning.search import SearchConfig, beam_search
+    grid, captions, lengths = make_batch()
+    cfg = dict(vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16, attention_dim=8, dropout=0.0)
+    torch.manual_seed(0)
+    att, lstm = (build_decoder(ModelConfig(decoder=d, **cfg)).eval() for d in ("attention", "lstm"))
+    search = SearchConfig(beam_size=3)
+    alone = [h[0].tokens for h in beam_search(att, grid, search)]
+    assert [h[0].tokens for h in beam_search(Ensemble([att]), grid, search)] == alone
+
+    both = Ensemble([att, lstm])
+    assert both.uses_grid                                    # the lstm member gets the grid's mean
+    state = both.init_state(grid)
+    tokens = torch.full((len(grid),), START)
+    logp, _, alpha = both.step(tokens, state)
+    a, _, _ = att.step(tokens, att.init_state(grid))
+    b, _, _ = lstm.step(tokens, lstm.init_state(grid.mean(1)))
+    expected = ((a.log_softmax(-1).exp() + b.log_softmax(-1).exp()) / 2).log()
+    assert torch.allclose(logp, expected, atol=1e-5)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(len(grid)), atol=1e-5)
+    assert torch.allclose(alpha.sum(-1), torch.ones(len(grid)), atol=1e-5)  # only the attention member's

@@ -58,3 +58,17 @@ def test_constraints_num_captions_and_attention(attention_model, shapes_data):
             assert UNK not in h.tokens and 1 <= len(h.tokens) <= 11
             assert h.alphas.shape[0] >= len(h.tokens)
             assert torch.allclose(h.alphas.sum(-1), torch.ones(h.alphas.shape[0]), atol=1e-4)
+
+
+def test_captioning_sees_the_features_training_saw(attention_model, shapes_data):
+    """A photo captioned from disk gets the features extraction cached for training, to fp16 rounding
+    (same transform, same encoder with its BatchNorm folded), so the decoder meets what it trained on."""
+    from captioning.encoders import load_image
+    from captioning.features import ExtractConfig
+    workdir, best = attention_model
+    captioner = Captioner.load(best, device="cpu")
+    _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))
+    paths = [store.paths[i] for i in (0, 7)]
+    live = captioner.encode([load_image(p) for p in paths])
+    cached = load_features(store, torch.tensor([0, 7]), True, "cpu").float()
+    assert torch.allclose(live, cached, rtol=2e-3, atol=2e-3)

@@ -1,6 +1,7 @@
 """The fast paths give the plain paths' results: features (calibrated settings, background decoding,
 uint8 transport, JPEG draft decoding), batched beam search, and bucketed / image-grouped / packed training
 batches. The plain references live in bench/naive.py, which the benchmarks time against the same code."""
+import itertools
 import json
 
 import numpy as np
@@ -88,17 +89,37 @@ def test_split_transform_is_bitwise_the_encoders_transform(paths):
 
 @pytest.mark.parametrize("cfg", [
     ExtractConfig(device="cpu", batch_size=1, channels_last=False, num_workers=0),   # inline, plain layout
-    ExtractConfig(device="cpu", batch_size=5, channels_last=True),                   # background thread, ragged end
+    ExtractConfig(device="cpu", batch_size=5, channels_last=True),                   # ragged last batch
     ExtractConfig(device="cpu", batch_size=16, channels_last=True),                  # one batch larger than N
     ExtractConfig(device="cpu", batch_size=4, channels_last=True, num_workers=1),    # a worker process
-    ExtractConfig(device="cpu", batch_size=4, threads=1),                            # one compute thread
-], ids=["b1-inline", "b5-thread", "b16", "b4-process", "b4-1thread"])
+    ExtractConfig(device="cpu", batch_size=4, threads=1, decode_threads=2),          # decoding threads beside
+], ids=["b1-inline", "b5", "b16", "b4-process", "b4-1thread-2decoders"])            # one compute thread
 def test_every_setting_gives_the_plain_features(cfg, paths, plain, tmp_path):
     threads = torch.get_num_threads()
     store = extract_features(paths, SPEC, tmp_path, cfg)
     assert_close_fp16(store.grid, plain[0])
     assert_close_fp16(store.pooled, plain[1])
     assert torch.get_num_threads() == threads  # the extraction's thread count does not leak
+
+
+def test_background_decoding_yields_the_inline_batches(paths, tmp_path):
+    """Threads decoding ahead give the same batches in the same order as decoding inline, bad files
+    included; closing the stream early (Ctrl-C in the CNN) stops the threads without waiting for the rest."""
+    _, transform = build_encoder(SPEC)
+    prep = Preprocess(transform)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:200])
+    files = [str(p) for p in paths[:4]] + [str(broken)] + [str(p) for p in paths[4:]]
+    inline = list(features._threaded_batches(files, 2, prep, 5, 0))
+    assert [rows for rows, _, _ in inline] == [[2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12]]
+    assert inline[0][2] == [True, True, False, True, True]
+    for threads in (1, 3):
+        ahead = list(features._threaded_batches(files, 2, prep, 5, threads))
+        assert [(r, ok) for r, _, ok in ahead] == [(r, ok) for r, _, ok in inline]
+        assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(ahead, inline))
+    stream = features._threaded_batches(files, 0, prep, 2, 2)
+    next(stream)
+    stream.close()
 
 
 def fake_throughput(best_batch, best_layout=True):
@@ -140,6 +161,43 @@ def test_calibrated_settings_are_used_remembered_and_give_the_plain_features(pat
     assert used[-1].batch_size == 3 and used[-1].source == "given"
     extract_features(paths[:5], SPEC, tmp_path / "fresh", ExtractConfig(device="cpu"))
     assert calls == [] and used[-1].source == "default"
+
+
+def fake_proc_stat(monkeypatch, others_cores):
+    """Make CpuShare see other programs keeping `others_cores` cores busy (this process uses one)."""
+    clock = itertools.count()
+    monkeypatch.setattr(features.CpuShare, "_read",
+                        staticmethod(lambda: (lambda k: (100.0 + k * (1 + others_cores), 5.0 + k, float(k)))(next(clock))))
+
+
+def test_cpu_share_counts_only_other_programs(monkeypatch):
+    fake_proc_stat(monkeypatch, 0.0)
+    assert features.CpuShare().threads(2) == 2
+    fake_proc_stat(monkeypatch, 1.0)
+    assert features.CpuShare().threads(2) == 1
+    fake_proc_stat(monkeypatch, 6.0)
+    share = features.CpuShare()
+    assert share.others() == pytest.approx(6.0) and share.threads(4) == 1
+
+
+def test_busy_machine_means_fewer_threads_and_no_calibration(paths, plain, tmp_path, monkeypatch):
+    """Next to another busy program: fewer compute threads (spinning OpenMP threads on shared cores are
+    slow), no calibration (its timings would mislead and be remembered), the same features; torch's
+    thread count is restored afterwards."""
+    fake_proc_stat(monkeypatch, 1.0)
+    monkeypatch.setattr(features, "CALIBRATE_MIN_IMAGES", 1)
+    monkeypatch.setattr(features, "calibrate", lambda *a, **k: pytest.fail("calibrated on a busy machine"))
+    used = []
+    real_batches = features.image_batches
+    monkeypatch.setattr(features, "image_batches",
+                        lambda paths, start, prep, settings, device: used.append(
+                            (settings, torch.get_num_threads())) or real_batches(paths, start, prep, settings, device))
+    before = torch.get_num_threads()
+    store = extract_features(paths, SPEC, tmp_path, ExtractConfig(device="cpu"))
+    settings, during = used[-1]
+    assert during == max(1, before - 1) == settings.threads and settings.source == "default"
+    assert torch.get_num_threads() == before
+    assert_close_fp16(store.grid, plain[0])
 
 
 def test_calibration_measures_for_real_and_picks_the_fastest():
