@@ -3,6 +3,7 @@
 Everything is offline: the encoder is a randomly initialised ResNet-18 (weights=None), as in the demo.
 """
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,12 @@ TORCH_HOME = ROOT.parent / "shared" / "torch_home"
 
 # Two cores: keep torch from oversubscribing them when tests run DataLoader workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# A test run started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and
+# an ignored signal stays ignored in every process the tests start: the Ctrl-C tests need it to arrive as
+# it does for a user at a terminal. A handled signal is reset to the default in a started program.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_training(workdir, data, decoder, epochs, **model_kw):

@@ -218,7 +218,7 @@ def test_number_prompts_take_any_answer(text):
         menu.out = original
     assert isinstance(value, int) and 1 <= value <= 1000
     if replies:   # the first answer was taken
-        assert value == (20 if not text.strip() else int(text))
+        assert value == (20 if not text.strip() else int(text.strip()))
     else:         # asked again, with a reason
         assert value == 17
         assert "Please type a whole number" in out.file.getvalue() or "out of range" in out.file.getvalue()
