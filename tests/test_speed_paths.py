@@ -13,7 +13,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from bench.naive import naive_loss, one_at_a_time_beam, plain_extract
-from captioning import features
+from captioning import features, tuning
 from captioning.encoders import EncoderSpec, build_encoder, load_image
 from captioning.features import ExtractConfig, Preprocess, calibrate, extract_features, fold_batchnorm
 from captioning.models import ModelConfig, build_decoder
@@ -135,7 +135,7 @@ def fake_throughput(best_batch, best_layout=True):
 
 def test_calibrated_settings_are_used_remembered_and_give_the_plain_features(paths, plain, tmp_path, monkeypatch):
     measure, calls = fake_throughput(best_batch=8)
-    monkeypatch.setattr(features, "measure_throughput", measure)
+    monkeypatch.setattr(tuning, "measure_throughput", measure)
     used = []
     real_batches = features.image_batches
     monkeypatch.setattr(features, "image_batches",
@@ -185,8 +185,8 @@ def test_busy_machine_means_fewer_threads_and_no_calibration(paths, plain, tmp_p
     slow), no calibration (its timings would mislead and be remembered), the same features; torch's
     thread count is restored afterwards."""
     fake_proc_stat(monkeypatch, 1.0)
-    monkeypatch.setattr(features, "CALIBRATE_MIN_IMAGES", 1)
-    monkeypatch.setattr(features, "calibrate", lambda *a, **k: pytest.fail("calibrated on a busy machine"))
+    monkeypatch.setattr(tuning, "CALIBRATE_MIN_IMAGES", 1)
+    monkeypatch.setattr(tuning, "calibrate", lambda *a, **k: pytest.fail("calibrated on a busy machine"))
     used = []
     real_batches = features.image_batches
     monkeypatch.setattr(features, "image_batches",
