@@ -94,6 +94,12 @@ def models_dir(workdir):
     return Path(workdir) / "models"
 
 
+def report_path(models_folder, split):
+    """Where `evaluate` writes a split's report by default, and where export and the dashboard look:
+    beside the models it scored."""
+    return Path(models_folder) / f"eval_{split}.json"
+
+
 def find_model(workdir=".", model=None):
     """Which checkpoint to use: an explicit path, 'default' for the built-in one, else the workdir's best,
     else its last, else the built-in model when the package ships one."""

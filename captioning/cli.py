@@ -212,7 +212,7 @@ def cmd_caption(args):
     find_model(args.workdir, args.model)
     from .captioner import Captioner, caption_files
     from .search import SearchConfig
-    captioner = Captioner.load(args.model, args.workdir, args.device, [clean_user_path(p) for p in args.ensemble])
+    captioner = Captioner.load(args.model, args.workdir, args.device, args.ensemble)
     cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions,
                        length_alpha=args.length_alpha)
     results = caption_files(captioner, inputs, cfg, args.output, args.attention, paths=paths)
@@ -232,14 +232,13 @@ def cmd_evaluate(args):
     from .search import SearchConfig
     evaluate_model(clean_user_path(args.data), args.split, args.model, args.workdir,
                    SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_alpha=args.length_alpha),
-                   args.device, args.output, ensemble=[clean_user_path(p) for p in args.ensemble])
+                   args.device, args.output, ensemble=args.ensemble)
 
 
 def cmd_export(args):
-    from .checkpoint import export_model, find_model
+    from .checkpoint import export_model, find_model, report_path
     source = find_model(args.workdir, args.model)
-    # evaluate writes models/eval_<split>.json beside the model it scored
-    reports = {split: source.parent / f"eval_{split}.json" for split in ("val", "test")}
+    reports = {split: report_path(source.parent, split) for split in ("val", "test")}
     reports = {split: path for split, path in reports.items() if path.exists()}
     out = export_model(source, args.output, reports)
     found = ", ".join(reports) if reports else "none found beside the model"
@@ -317,6 +316,8 @@ def clean_paths(args):
         value = getattr(args, key, None)
         if value and value != "default":
             setattr(args, key, str(clean_user_path(value)))
+    if getattr(args, "ensemble", None):
+        args.ensemble = [str(clean_user_path(p)) for p in args.ensemble]
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
         raise CaptioningError(f"--workdir {args.workdir} is a file; it must be a folder (for models/ and cache/).")
 

@@ -28,6 +28,7 @@ if str(_HERE.parent) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
+from captioning.checkpoint import report_path  # noqa: E402
 from captioning.utils import CaptioningError, clean_user_path, collect_images, failure_message  # noqa: E402
 
 MAX_PHOTOS = 50        # a folder of thousands would make a page no browser can show
@@ -253,7 +254,7 @@ def evaluation(ckpt, path, split):
     stored = (ckpt.get("evaluation") or {}).get(split) or {}
     if isinstance(stored.get("scores"), dict):
         return stored["scores"], "stored in the checkpoint"
-    report = Path(path).parent / f"eval_{split}.json"
+    report = report_path(Path(path).parent, split)
     try:
         scores = json.loads(report.read_text())["scores"]
         return (scores, f"from {report.name}") if isinstance(scores, dict) else (None, "")

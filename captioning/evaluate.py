@@ -301,6 +301,7 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     import torch
 
     from .captioner import Captioner
+    from .checkpoint import models_dir, report_path
     from .features import ExtractConfig
     from .search import SearchConfig
     from .train import load_features, prepare
@@ -324,7 +325,7 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     keys = [str(r.image) for r in records]
     scores = score_captions(dict(zip(keys, captions)), {str(r.image): r.captions for r in records})
     print_metrics_table(scores, title=f"{split} split, {len(records):,} images, beam {search_cfg.beam_size}")
-    output = output or (Path(workdir) / "models" / f"eval_{split}.json")
+    output = output or report_path(models_dir(workdir), split)
     settings = {"split": split, "images": len(records), "model": str(captioner.source), "beam_size": search_cfg.beam_size,
                 "length_alpha": search_cfg.length_alpha, "max_len": search_cfg.max_len}
     write_report(output, scores, [{"image": k, "caption": c, "references": r.captions}

@@ -48,7 +48,8 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
     state = {key: v.repeat_interleave(k, 0) for key, v in decoder.init_state(features).items()}
     # What depends on the image alone (the grid and its attention keys) is the same for an image's K beams,
     # and beams never move between images: it is set aside once instead of being copied at every step as
-    # the beams are reordered (on the attention decoder, beam 3 runs 1.3x faster; bench/beam_speed.py).
+    # the beams are reordered (attention decoder, beam 3, 1,000 images at once: 79.5 against 52.9 images/s;
+    # bench/beam_speed.py).
     fixed = {key: state.pop(key) for key in getattr(decoder, "per_image", ()) if key in state}
     tokens = torch.full((b * k,), START, dtype=torch.long, device=device)
     scores = torch.full((b, k), float("-inf"), device=device)

@@ -44,8 +44,8 @@ class Settings:
 def fold_batchnorm(module):
     """Fold each eval-mode BatchNorm2d that directly follows a Conv2d into the convolution's weights and
     bias, in place. The outputs stay the same up to float32 rounding (~1e-6 relative; the cache is fp16),
-    but every folded layer saves a full pass over its activations: on a 2-core CPU mobilenet_v2 runs 2.2x
-    faster, resnet50 1.1x (bench/README.md). Only pairs whose data flow is known are folded: neighbours
+    but every folded layer saves a full pass over its activations: on a 2-core CPU mobilenet_v2 runs 1.6x
+    faster, resnet50 1.2x (bench/README.md). Only pairs whose data flow is known are folded: neighbours
     in an nn.Sequential, and convN -> bnN inside torchvision's ResNet blocks."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     pairs = []
