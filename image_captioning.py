@@ -3,9 +3,8 @@
     python image_captioning.py            # the menu
     python image_captioning.py --help     # the commands
 """
-import sys
-
 from captioning.cli import main
+from captioning.utils import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -5,6 +5,8 @@ Side by side, in one run (each cold figure the median of --repeat fresh processe
                   the floor any captioning process pays
   caption         python image_captioning.py caption photo.jpg --model M (process start to PNG written)
   overhead        caption - bare (target <= 1.5 s), then where the time goes, stage by stage
+  bare, no teardown  the same, ending with os._exit as the tool does after a command (cli.exit_process):
+                  Python's teardown of torch's modules is about a second of the bare figure
   --help, menu    python image_captioning.py --help / the menu's first screen (target <= 0.3 s)
   warm            Captioner.caption(path) per image in a running process, and caption_files (PNG included)
 
@@ -46,6 +48,9 @@ name, weights = sys.argv[1], (sys.argv[2] if sys.argv[2] != "None" else None)
 model = torchvision.models.get_model(name, weights=weights).eval()
 with torch.inference_mode():
     model(torch.zeros(1, 3, 224, 224))
+if len(sys.argv) > 3:
+    import os
+    os._exit(0)
 """
 
 # Stage by stage, what `caption IMAGE` does, timed in one fresh process.
@@ -90,7 +95,11 @@ def main():
         python = median_wall([PY, "-c", "pass"], repeat)
         imports = median_wall([PY, "-c", "import torch, torchvision"], repeat)
         bare = median_wall([PY, "-c", BARE, spec["name"], str(spec["weights"])], repeat)
+        bare_fast = median_wall([PY, "-c", BARE, spec["name"], str(spec["weights"]), "os._exit"], repeat)
         cold = median_wall([PY, ENTRY, "caption", photo, "--model", str(model), "--output", png], repeat)
+        # Before cli.exit_process: the same command ending in sys.exit, so Python tears torch down.
+        cold_teardown = median_wall([PY, "-c", "import sys; from captioning.cli import main; sys.exit(main())",
+                                     "caption", photo, "--model", str(model), "--output", png], repeat)
         cold_json = median_wall([PY, ENTRY, "caption", photo, "--model", str(model), "--output", png, "--json"],
                                 repeat)
         helps = median_wall([PY, ENTRY, "--help"], repeat)
@@ -105,8 +114,11 @@ def main():
         ["import torch, torchvision", f"{imports:.2f}", ""],
         [f"bare: imports + build {spec['name']} + one forward", f"{bare:.2f}", ""],
         ["caption photo.jpg (PNG written)", f"{cold:.2f}", ""],
+        ["caption photo.jpg, ending in sys.exit (before)", f"{cold_teardown:.2f}", ""],
         ["caption photo.jpg --json", f"{cold_json:.2f}", ""],
         ["**overhead: caption - bare**", f"**{cold - bare:.2f}**", "<= 1.5"],
+        ["bare, leaving by os._exit (no Python teardown)", f"{bare_fast:.2f}", ""],
+        ["overhead: caption - bare without teardown", f"{cold - bare_fast:.2f}", ""],
         ["--help", f"{helps:.2f}", "<= 0.3"],
         ["caption --help", f"{caption_help:.2f}", "<= 0.3"],
         ["menu: first screen, then quit", f"{menu:.2f}", "<= 0.3"],

@@ -14,9 +14,28 @@ os.environ.setdefault("TORCH_HOME", str(SHARED / "torch_home"))
 RUNS = ROOT.parent / "runs"
 WORK = ROOT / "bench" / ".work"   # what the benchmarks make for themselves (git-ignored)
 BASELINE = "e2dbc85"   # the commit before this issue's changes: "before" figures come from its code
+SESSION_BASE = "7e17665"  # the last landed commit before the latest changes (beam search, cold exit)
 
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))   # appended, so PYTHONPATH can point at another checkout to compare
+
+
+def module_at(commit, path):
+    """A file of this repository as of `commit` (e.g. "captioning/features.py"), loaded as a module of the
+    package beside the current one, so "before" figures run the old code in the same process; None
+    without git or where the commit is not in this clone."""
+    import importlib.util
+    try:
+        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    name = f"captioning._{commit}_{Path(path).stem}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    module.__package__ = "captioning"
+    sys.modules[name] = module
+    exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
+    return module
 
 
 def flickr_images(n=None):

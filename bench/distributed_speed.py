@@ -44,7 +44,8 @@ def worker(args):
     from bench.train_speed import setup
     from captioning import distributed
     from captioning.models import ModelConfig, build_decoder
-    from captioning.train import TrainConfig, feature_stats, train_epoch
+    from captioning.store import feature_stats
+    from captioning.train import TrainConfig, train_epoch
 
     torch.set_num_threads(args.threads)
     with distributed.session("cpu", 600):

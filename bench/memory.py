@@ -8,7 +8,7 @@ so they cost page cache, not RAM that other programs lose).
   extract before  the same with captioning/features.py as of commit e2dbc85 (--before; ~4 min more)
   train           `train --decoder attention` for one epoch on the cached features (memory-mapped),
                   validation and dev scoring included; --quick stops the epoch after 100 batches
-  feature_stats   the part of training that needs the most memory, as it is and as suggested
+  feature_stats   the part of training that needs the most memory, now and before (512-image chunks)
   load whole      for scale: the grid cache read into memory instead of memory-mapped
 
     python -m bench.memory --before     # ~9 min on 2 cores
@@ -47,24 +47,23 @@ def child_train(batches):
         T.train(FLICKR8K, work, cfg, EncoderSpec("mobilenet_v2"), ExtractConfig(device="cpu"))
 
 
-def child_stats(chunk):
-    """train.py's feature_stats over the Flickr8k train images (chunk 0: as train.py has it), or the
-    suggested variant: smaller chunks, and the squares summed without an [n, C] float64 temporary."""
+def child_stats(before):
+    """store.py's feature_stats over the Flickr8k train images, or as train.py had it before (512 images
+    a chunk, their squares in a second float64 temporary of the same size)."""
     import numpy as np
     import torch
     from captioning.datasets import load_dataset
-    from captioning.features import open_store
-    from captioning.train import feature_stats
+    from captioning.store import feature_stats, open_store
     store = open_store(flickr_cache())
     row_of = store.row_of()
     rows = torch.tensor(sorted(row_of[str(r.image)] for r in load_dataset(FLICKR8K).split("train")
                                if str(r.image) in row_of))
-    if not chunk:
+    if not before:
         return feature_stats(store, rows, True)
     total, sq, n = 0.0, 0.0, 0
-    for i in range(0, len(rows), chunk):
-        x = np.asarray(store.grid[rows[i:i + chunk].numpy()], dtype=np.float64).reshape(-1, store.channels)
-        total, sq, n = total + x.sum(0), sq + np.einsum("ij,ij->j", x, x), n + len(x)
+    for i in range(0, len(rows), 512):
+        x = np.asarray(store.grid[rows[i:i + 512].numpy()], dtype=np.float64).reshape(-1, store.channels)
+        total, sq, n = total + x.sum(0), sq + (x * x).sum(0), n + len(x)
     return total / n
 
 
@@ -87,7 +86,7 @@ def main():
         elif kind == "train":
             child_train(int(rest[0]))
         elif kind == "stats":
-            child_stats(int(rest[0]))
+            child_stats(rest[0] == "before")
         else:
             child_load_whole()
         return
@@ -98,8 +97,8 @@ def main():
         jobs.append((f"extract, {n:,} photos (before, e2dbc85)", ["extract", str(n), "before"]))
     jobs.append(("train attention, " + ("100 batches" if args.quick else "1 epoch") + " + dev scoring",
                  ["train", "100" if args.quick else "0"]))
-    jobs.append(("train.py's feature_stats alone (512 rows a chunk, float64)", ["stats", "0"]))
-    jobs.append(("feature_stats, 64 rows a chunk, no squares temporary (suggested)", ["stats", "64"]))
+    jobs.append(("feature_stats alone (128 images a chunk, squared in place)", ["stats", "after"]))
+    jobs.append(("feature_stats alone, before (512 images a chunk, a squares temporary)", ["stats", "before"]))
     jobs.append(("grid cache loaded whole (np.load, no mmap)", ["load"]))
     rows = []
     for label, child in jobs:

@@ -10,7 +10,7 @@ Reported: seconds per epoch (scaled to the full 30,000-caption epoch), real capt
 over naive, the losses after the same number of epochs (train, and dev on the same captions through the
 same evaluator) — faster must not mean worse — and the dev loss each fast variant reaches when it trains
 for as long as the naive one took (more epochs in the same time).
-Also: AdamW's optimizer step, default vs fused=True (a suggestion for train.py).
+Also: AdamW's optimizer step, default vs fused=True (what train.py uses where torch has it).
 
     python -m bench.train_speed             # ~5 min on 2 cores (600 train images, 2 epochs)
     python -m bench.train_speed --quick     # ~40 s (200 images, 1 epoch)
@@ -24,10 +24,10 @@ from bench.common import FLICKR8K, Timer, flickr_cache, header, table
 import torch
 
 from captioning.datasets import load_dataset
-from captioning.features import open_store
 from captioning.models import ModelConfig, build_decoder
-from captioning.train import (TrainConfig, decoder_loss, encode_split, feature_stats, image_batches, length_buckets,
-                              load_unique, validation_loss)
+from captioning.store import feature_stats, load_unique, open_store
+from captioning.train import (TrainConfig, decoder_loss, encode_split, image_batches, length_buckets, make_optimizer,
+                              validation_loss)
 from captioning.vocab import Vocabulary
 
 from bench.naive import naive_train_epoch
@@ -77,7 +77,9 @@ def run_variant(kind, decoder_name, store, vocab, data, val, epochs, batch_size,
     cfg.model = ModelConfig(decoder=decoder_name, vocab_size=len(vocab), feat_dim=store.channels)
     decoder = build_decoder(cfg.model)
     decoder.norm.set_stats(*stats[decoder.uses_grid])
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Naive: the plain optimizer; the fast paths: train.py's (fused AdamW where torch has it).
+    optimizer = (torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                 if kind == "naive" else make_optimizer(decoder.parameters(), cfg))
     generator = torch.Generator().manual_seed(0)
     seconds, loss, val_loss, same_time = [], math.nan, None, None
     while len(seconds) < epochs or (budget and sum(seconds) < budget):

@@ -74,7 +74,6 @@ def export_model(source, output, reports=None):
     """A small caption-only copy of a checkpoint: fp16 decoder weights (half the size; captions are the
     same to within rounding), no optimizer state, plus the evaluation reports given as {split: path}
     (the scores a model card shows). It loads like any checkpoint but cannot be resumed."""
-    import torch
     ckpt = load_checkpoint(source)
     small = {k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}
     small["decoder_state"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["decoder_state"].items()}
@@ -98,6 +97,20 @@ def report_path(models_folder, split):
     """Where `evaluate` writes a split's report by default, and where export and the dashboard look:
     beside the models it scored."""
     return Path(models_folder) / f"eval_{split}.json"
+
+
+def split_scores(ckpt, path, split):
+    """A split's scores: stored in the checkpoint (an exported model carries them), else the report that
+    `evaluate` wrote beside it. Returns (scores or None, where they came from)."""
+    stored = (ckpt.get("evaluation") or {}).get(split) or {}
+    if isinstance(stored.get("scores"), dict):
+        return stored["scores"], "stored in the checkpoint"
+    report = report_path(Path(path).parent, split)
+    try:
+        scores = json.loads(report.read_text())["scores"]
+        return (scores, f"from {report.name}") if isinstance(scores, dict) else (None, "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, ""
 
 
 def find_model(workdir=".", model=None):

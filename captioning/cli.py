@@ -161,7 +161,7 @@ def build_parser():
 
 
 def cmd_download(args):
-    from .datasets import download_dataset
+    from .download import download_dataset
     path = download_dataset(args.dataset, force=args.force)
     console.print(f"Dataset ready in: {path}")
     print(path)

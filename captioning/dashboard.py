@@ -28,7 +28,6 @@ if str(_HERE.parent) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from captioning.checkpoint import report_path  # noqa: E402
 from captioning.utils import CaptioningError, clean_user_path, collect_images, failure_message  # noqa: E402
 
 MAX_PHOTOS = 50        # a folder of thousands would make a page no browser can show
@@ -212,7 +211,7 @@ def sidebar(args):
 
 
 def model_card(captioner, path):
-    from captioning.checkpoint import describe, summarize
+    from captioning.checkpoint import describe, split_scores, summarize
     from captioning.render import save_training_curves
     ckpt, cfg = captioner.ckpt, captioner.config
     summary = summarize(ckpt)
@@ -232,7 +231,7 @@ def model_card(captioner, path):
         score_table({k: v for k, v in kept[0].items() if k in ("BLEU-4", "CIDEr-D", "val_loss")})
         st.image(memo(("curves", str(path), summary["epoch"]), lambda: png_bytes(save_training_curves, history)),
                  caption="training history")
-    found = [(title, *evaluation(ckpt, path, split)) for split, title in (("val", "Validation split"),
+    found = [(title, *split_scores(ckpt, path, split)) for split, title in (("val", "Validation split"),
                                                                           ("test", "Test split"))]
     for title, scores, where in found:
         if scores:
@@ -246,20 +245,6 @@ def score_table(scores):
     # As text: a metric that could not run (METEOR without Java) is None, which a number column shows as NaN.
     st.table({"metric": list(scores), "score": [f"{v:.4f}" if isinstance(v, (int, float)) else "skipped"
                                                 for v in scores.values()]})
-
-
-def evaluation(ckpt, path, split):
-    """A split's scores: stored in the checkpoint (an exported model carries them), else the report that
-    `evaluate` wrote beside it. Returns (scores or None, where they came from)."""
-    stored = (ckpt.get("evaluation") or {}).get(split) or {}
-    if isinstance(stored.get("scores"), dict):
-        return stored["scores"], "stored in the checkpoint"
-    report = report_path(Path(path).parent, split)
-    try:
-        scores = json.loads(report.read_text())["scores"]
-        return (scores, f"from {report.name}") if isinstance(scores, dict) else (None, "")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, ""
 
 
 def show_segmentation(segmenter, photo):

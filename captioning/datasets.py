@@ -1,4 +1,4 @@
-"""Captioning datasets on disk: download from Kaggle, detect the layout, load records, split by image.
+"""Captioning datasets on disk: detect the layout, load records, split by image (download.py fetches them).
 
 Every layout is reduced to the same thing: a sorted list of Records (image path, raw captions, split).
 The layout is detected from the files present, so a user never has to say which dataset they have:
@@ -19,17 +19,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioning.utils import CaptioningError, console
+from captioning.utils import CaptioningError
 from captioning.vocab import tokenize
 
 SPLITS = ("train", "val", "test")
 # Layout → its annotation file pattern. The order decides when a folder holds several.
 LAYOUTS = {"mini-coco": "captions.json", "flickr8k": "captions.txt", "karpathy": "dataset_*.json",
            "coco": "captions_*.json"}
-HANDLES = {
-    "mini-coco": "nagasai524/mini-coco2014-dataset-for-image-captioning",
-    "flickr8k": "adityajn105/flickr8k",
-}
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                       "test": "Flickr_8k.testImages.txt"}
@@ -309,63 +305,3 @@ def _load_dataset(root):
     if not records:
         raise CaptioningError(f"No images of {folder} are listed in its split files.")
     return Dataset(root=folder, layout=layout, records=records, missing=missing, unsplit=unsplit)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# download
-
-def download_dataset(name="mini-coco", force=False):
-    """Download (or reuse from kagglehub's cache) a dataset from Kaggle; returns its folder, checked to load."""
-    if name not in HANDLES:
-        raise CaptioningError(f"Unknown dataset '{name}': choose one of {', '.join(HANDLES)}.")
-    handle = HANDLES[name]
-    import kagglehub  # lazy: it pulls in requests and more, which the menu's first screen doesn't need
-    import requests
-    from kagglehub.exceptions import KaggleApiHTTPError
-
-    try:
-        try:
-            path = kagglehub.dataset_download(handle, force_download=force)
-        except requests.exceptions.ConnectionError:
-            # An unversioned handle asks the API for the latest version even when the data is cached;
-            # offline, a versioned handle is served from the cache. Fall back to the newest cached version.
-            path = _cached_download(kagglehub, handle) if not force else None
-            if path is None:
-                raise
-            console.print(f"[yellow]Kaggle is unreachable; using the cached copy in {path}.[/]")
-    except requests.exceptions.ConnectionError:
-        raise CaptioningError(f"Could not reach Kaggle to download {handle}: check your internet connection.") from None
-    except (KaggleApiHTTPError, requests.exceptions.HTTPError) as e:
-        status = getattr(e.response, "status_code", None) or "unknown"
-        why = {401: ": it asks for Kaggle credentials", 403: ": no permission; the dataset may be private, or its "
-               "terms must be accepted on kaggle.com first", 404: ": no such dataset (renamed or removed?)",
-               429: ": too many requests; try again later"}.get(status, "")
-        raise CaptioningError(f"Kaggle refused the download of {handle} (HTTP status {status}){why}.") from None
-    except requests.exceptions.RequestException as e:  # the connection broke mid-way, a timeout, ...
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CaptioningError(f"The download of {handle} was interrupted ({type(e).__name__}: {detail}); "
-                              "run the download again.") from None
-    except Exception as e:  # kagglehub raises many kinds (disk full, bad archive, ...): keep the message to one line
-        detail = (str(e).strip().splitlines() or [""])[0]
-        raise CaptioningError(f"Downloading {handle} from Kaggle failed: {type(e).__name__}: {detail}") from None
-
-    path = Path(path)
-    try:
-        load_dataset(path)
-    except CaptioningError as e:
-        raise CaptioningError(f"The download in {path} is incomplete or not a dataset ({str(e).rstrip('.')}); "
-                              f"run the download again with --force.") from None
-    return path
-
-
-def _cached_download(kagglehub, handle):
-    """The newest version of `handle` that kagglehub's cache can serve without the network, or None."""
-    cache = Path(os.environ.get("KAGGLEHUB_CACHE", Path.home() / ".cache" / "kagglehub"))
-    versions = cache / "datasets" / handle / "versions"
-    numbers = sorted((int(p.name) for p in versions.glob("*") if p.is_dir() and p.name.isdigit()), reverse=True)
-    for n in numbers:
-        try:
-            return kagglehub.dataset_download(f"{handle}/versions/{n}")
-        except Exception:
-            continue
-    return None

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from pathlib import Path
 
 from rich.table import Table
 
@@ -304,7 +303,8 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     from .checkpoint import models_dir, report_path
     from .features import ExtractConfig
     from .search import SearchConfig
-    from .train import load_features, prepare
+    from .store import load_features
+    from .train import prepare
     from .utils import add_task, advance_task, make_progress
 
     search_cfg = search_cfg or SearchConfig()

@@ -1,10 +1,5 @@
-"""Batched feature extraction with a resumable on-disk cache.
+"""Batched feature extraction with a resumable on-disk cache (its layout and readers: store.py).
 
-The cache for one (encoder, image list) pair is a folder under `<workdir>/cache/`:
-    images.json    the image paths, in row order
-    grid.npy       fp16 [N, h*w, C]  spatial features (attention decoder), read memory-mapped
-    pooled.npy     fp16 [N, C]       their mean (Show-and-Tell decoder)
-    progress.json  how many rows are finished, which images could not be read, whether it is complete
 Rows are written in place and `progress.json` is replaced atomically only after they are flushed, so a
 killed run leaves a cache whose recorded rows are all valid: the next run continues from there and ends
 with exactly the cache an uninterrupted run writes. Under torchrun each rank writes a contiguous slice of
@@ -12,7 +7,7 @@ whole batches with its own marker, progress-<first>-<end>.json; rank 0 marks the
 are done: the same bytes as one process writes.
 
 Speed (figures in bench/README.md; the choices are made in tuning.py). BatchNorm layers are folded into
-the convolutions before them (the same features up to float rounding; mobilenet_v2 1.6x faster on a CPU).
+the convolutions before them (the same features up to float rounding; mobilenet_v2 1.4-1.6x faster on a CPU).
 A CPU wants small batches in channels_last layout, and the best batch size differs by encoder and
 machine, so it is measured: the first large extraction spends a few seconds timing forward passes per
 candidate setting and remembers the fastest in `<workdir>/cache/calibration.json` (keyed by encoder,
@@ -22,29 +17,22 @@ saves); the conversion to float and the normalisation run per batch, with the sa
 encoder's own transform. On a GPU, decoding runs in worker processes and the CNN in fp16.
 """
 import contextlib
-import hashlib
 import json
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 from . import distributed
 from .encoders import EncoderSpec, build_encoder, concrete_spec, draft_size_for, load_image
-from .tuning import (SHARE_EVERY_S, CpuShare, Settings, _autocast, _set_format, _sync, calibrate,  # noqa: F401
-                     calibration_key, choose_settings, fold_batchnorm, measure_throughput)
+from .store import CACHE_VERSION, RowWriter, cache_dir_for, open_store
+from .tuning import SHARE_EVERY_S, CpuShare, Settings, _autocast, _set_format, choose_settings, fold_batchnorm
 from .utils import CaptioningError, atomic_write_json, add_task, advance_task, console, make_progress
-
-CACHE_VERSION = 1
-
 
 @dataclass
 class ExtractConfig:
@@ -175,75 +163,6 @@ def image_batches(paths, start, prep, settings: Settings, device):
                         num_workers=settings.workers, worker_init_fn=_worker_init,
                         pin_memory=device.type == "cuda", prefetch_factor=4)
     return ((rows.tolist(), images, ok.tolist()) for rows, images, ok in loader)
-
-
-# --- the cache -------------------------------------------------------------------------------------
-
-def cache_dir_for(workdir, spec: EncoderSpec, paths):
-    """Same encoder and same images → same folder, so every command reuses one extraction."""
-    key = [CACHE_VERSION, spec.to_dict(), [str(p) for p in paths]]
-    if spec.weights_path and os.path.exists(spec.weights_path):
-        st = os.stat(spec.weights_path)   # a weights file replaced in place must not reuse old features
-        key.append([st.st_size, st.st_mtime_ns])
-    h = hashlib.sha1(json.dumps(key).encode()).hexdigest()
-    return Path(workdir) / "cache" / f"{spec.name}-{h[:12]}"
-
-
-@dataclass
-class FeatureStore:
-    """A finished cache, memory-mapped: rows are read from disk on demand, not loaded whole."""
-    folder: Path
-    paths: list
-    grid: np.ndarray
-    pooled: np.ndarray
-    bad: set
-    grid_hw: tuple
-
-    def row_of(self):
-        return {p: i for i, p in enumerate(self.paths)}
-
-    @property
-    def grid_size(self):
-        return self.grid.shape[1]
-
-    @property
-    def channels(self):
-        return self.grid.shape[2]
-
-
-def open_store(folder):
-    folder = Path(folder)
-    progress = json.loads((folder / "progress.json").read_text())
-    if not progress.get("complete"):
-        raise CaptioningError(f"The feature cache in {folder} is not finished; run extract again to resume it.")
-    paths = json.loads((folder / "images.json").read_text())
-    grid = np.load(folder / "grid.npy", mmap_mode="r")
-    pooled = np.load(folder / "pooled.npy", mmap_mode="r")
-    return FeatureStore(folder, paths, grid, pooled, set(progress.get("bad", [])), tuple(progress["grid_hw"]))
-
-
-class RowWriter:
-    """Writes rows of a preallocated .npy file in place with plain file writes. A writable memmap would
-    keep every written page mapped into this process: 1 GB of RSS for Flickr8k's grid, 4 GB for COCO."""
-
-    def __init__(self, path):
-        self.file = open(path, "r+b")
-        version = np.lib.format.read_magic(self.file)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(self.file)
-        self.offset = self.file.tell()
-        self.dtype, self.row_bytes = dtype, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-
-    def write(self, row, array):
-        self.file.seek(self.offset + row * self.row_bytes)
-        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).data)
-
-    def flush(self):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self):
-        self.file.close()
 
 
 def _decoding(s: Settings):

@@ -125,7 +125,7 @@ def dataset_folder(state):
 
 
 def do_download(state):
-    from .datasets import download_dataset
+    from .download import download_dataset
     choice = ask_choice("Download mini-coco (default), flickr8k, or use a local folder", ["mini-coco", "flickr8k",
                                                                                           "local"], "mini-coco")
     if choice == "local":

@@ -13,7 +13,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
 from . import distributed
@@ -24,6 +23,7 @@ from .evaluate import score_captions
 from .features import ExtractConfig, extract_features, pick_device
 from .models import AttentionDecoder, ModelConfig, build_decoder, caption_loss
 from .search import greedy_search
+from .store import feature_stats, load_features, load_unique
 from .utils import CaptioningError, add_task, advance_task, console, make_progress
 from .vocab import PAD, Vocabulary, tokenize
 
@@ -106,30 +106,15 @@ def image_batches(rows, batch_size, generator):
     return [torch.cat([groups[i] for i in order[j:j + per_batch]]) for j in range(0, len(order), per_batch)]
 
 
-def load_unique(store, rows, grid, device):
-    """Features of each distinct image in `rows` once, plus the index mapping rows to them.
-    Reads from the memory-mapped cache in sorted order (sequential on disk)."""
-    uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
-    array = np.ascontiguousarray((store.grid if grid else store.pooled)[uniq])
-    return torch.from_numpy(array).to(device), torch.from_numpy(inverse.reshape(-1)).to(device)
-
-
-def load_features(store, rows, grid, device):
-    """Features for each of `rows` (repeated rows repeated)."""
-    feats, index = load_unique(store, rows, grid, device)
-    return feats[index]
-
-
-def feature_stats(store, rows, grid):
-    """Per-channel mean and std over the training images, computed in chunks to keep memory flat."""
-    total, sq, n = 0.0, 0.0, 0
-    rows = np.unique(rows.numpy())
-    for i in range(0, len(rows), 512):
-        x = np.asarray((store.grid if grid else store.pooled)[rows[i:i + 512]], dtype=np.float64)
-        x = x.reshape(-1, x.shape[-1])
-        total, sq, n = total + x.sum(0), sq + (x * x).sum(0), n + len(x)
-    mean = total / n
-    return mean, np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
+def make_optimizer(params, cfg):
+    """AdamW, fused where this torch has it for the device: one kernel over all parameters instead of
+    several per tensor (attention decoder on 2 CPU cores: 3.9 against 8.7 ms a step, bench/train_speed.py).
+    Its state is the same as the plain optimizer's, so checkpoints resume under either."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):   # torch < 2.4 on CPU, or a device without the fused kernel
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig, image_index=None, weights=(1.0, 1.0)):
@@ -229,7 +214,7 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
         model = torch.compile(model, dynamic=True)  # caption lengths vary: one graph for all shapes
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(decoder.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=cfg.lr_patience)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -1,4 +1,5 @@
 """Checkpoints: weights_only loading, every kind of bad file refused clearly, atomic saves, lookup order."""
+import json
 import os
 
 import pytest
@@ -88,3 +89,16 @@ def test_find_model_order(tmp_path, monkeypatch):
     assert ck.find_model(tmp_path) == models / "best.pt"
     assert ck.find_model(tmp_path, "default") == ck.BUILTIN       # unless they ask for the built-in one
     assert ck.find_model(tmp_path, "~/x.pt") == ck.Path(os.path.expanduser("~/x.pt"))
+
+
+def test_split_scores_come_from_the_checkpoint_else_the_report_beside_it(tmp_path):
+    from captioning.checkpoint import report_path, split_scores
+    path = tmp_path / "best.pt"
+    assert split_scores({}, path, "test") == (None, "")
+    report_path(tmp_path, "test").write_text(json.dumps({"scores": {"CIDEr-D": 0.4}, "captions": []}))
+    assert split_scores({}, path, "test") == ({"CIDEr-D": 0.4}, "from eval_test.json")
+    stored = {"evaluation": {"test": {"scores": {"CIDEr-D": 0.5}}}}
+    assert split_scores(stored, path, "test") == ({"CIDEr-D": 0.5}, "stored in the checkpoint")
+    assert split_scores(stored, path, "val") == (None, "")
+    report_path(tmp_path, "val").write_text("{broken")
+    assert split_scores({}, path, "val") == (None, "")

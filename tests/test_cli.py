@@ -2,6 +2,7 @@
 script in a subprocess (tests.conftest.cli); the download and --debug checks run main() in-process so that
 kagglehub and the commands can be patched."""
 import json
+import os
 import random
 import re
 import shutil
@@ -343,3 +344,29 @@ def test_captioning_error_is_one_line_without_unexpected(monkeypatch, run_main):
     code, _, err = run_main("download")
     assert code == 1
     assert error_line(err) == "error: Something the user can fix."
+
+
+# ---- leaving the process ------------------------------------------------------------------------------
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+import torch
+from captioning.utils import exit_process
+atexit.register(lambda: print("exit hook ran"))
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+print("x" * 200000)
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("case", ["plain", "thread"])
+def test_exit_process_flushes_runs_exit_hooks_and_waits_for_threads(case):
+    """The fast exit after a command keeps everything a normal exit does that a user could see: the whole
+    of stdout (a pipe here, so block-buffered), the exit code, libraries' exit hooks, running threads."""
+    r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, case], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 3, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "x" * 200000 and "exit hook ran" in lines
+    assert ("thread finished" in lines) == (case == "thread")

@@ -9,7 +9,8 @@ from torch import nn
 
 from captioning import features
 from captioning.encoders import EncoderSpec, build_encoder
-from captioning.features import ExtractConfig, extract_features, open_store, pick_device
+from captioning.features import ExtractConfig, extract_features, pick_device
+from captioning.store import open_store
 from captioning.synthetic import make_shapes_dataset
 from captioning.utils import CaptioningError
 

@@ -2,8 +2,10 @@
 import torch
 
 from captioning.captioner import Captioner
+from captioning.checkpoint import BUILTIN
 from captioning.search import SearchConfig, _banned_trigrams, beam_search, greedy_search, sequence_logprob
-from captioning.train import load_features, prepare
+from captioning.store import load_features
+from captioning.train import prepare
 from captioning.vocab import UNK
 
 
@@ -44,6 +46,45 @@ def test_batched_beam_equals_one_image_at_a_time(attention_model, shapes_data):
         single = beam_search(captioner.decoder, feats[i:i + 1], cfg)[0]
         assert single[0].tokens == batched[i][0].tokens
         assert abs(single[0].score - batched[i][0].score) < 1e-4
+
+
+class CountingDecoder:
+    """A decoder as search sees it, counting the rows each step runs on."""
+
+    def __init__(self, decoder):
+        self.decoder, self.rows = decoder, []
+        self.per_image = decoder.per_image
+
+    def init_state(self, features):
+        return self.decoder.init_state(features)
+
+    def step(self, tokens, state):
+        self.rows.append(tokens.shape[0])
+        return self.decoder.step(tokens, state)
+
+
+def test_a_finished_image_leaves_the_batch():
+    """Batched search runs the decoder on exactly the rows one-image-at-a-time search would (an image whose
+    captions are done costs nothing more), and what every image gets is unchanged by its neighbours. The
+    built-in Flickr8k decoder on random grids: captions of many lengths, so images finish at different steps."""
+    captioner = Captioner.load(BUILTIN, device="cpu")
+    norm = captioner.decoder.norm
+    feats = torch.randn(12, 49, norm.mean.shape[0], generator=torch.Generator().manual_seed(0)) * norm.std + norm.mean
+    cfg = SearchConfig(beam_size=3, num_captions=2)
+    counting = CountingDecoder(captioner.decoder)
+    batched = beam_search(counting, feats, cfg, keep_alphas=True)
+    batched_rows, steps = sum(counting.rows), len(counting.rows)
+    single_steps = []
+    for i in range(len(feats)):
+        counting.rows = []
+        single = beam_search(counting, feats[i:i + 1], cfg, keep_alphas=True)[0]
+        single_steps.append(len(counting.rows))
+        assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
+        for a, b in zip(single, batched[i]):
+            assert abs(a.score - b.score) < 1e-4
+            assert torch.allclose(a.alphas, b.alphas, atol=1e-5)
+    assert steps == max(single_steps) and min(single_steps) < steps   # images finish at different steps
+    assert batched_rows == 3 * sum(single_steps)
 
 
 def test_constraints_num_captions_and_attention(attention_model, shapes_data):

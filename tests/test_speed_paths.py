@@ -15,10 +15,11 @@ from torchvision.transforms import functional as TF
 from bench.naive import naive_loss, one_at_a_time_beam, plain_extract
 from captioning import features, tuning
 from captioning.encoders import EncoderSpec, build_encoder, load_image
-from captioning.features import ExtractConfig, Preprocess, calibrate, extract_features, fold_batchnorm
+from captioning.features import ExtractConfig, Preprocess, extract_features
 from captioning.models import ModelConfig, build_decoder
 from captioning.search import SearchConfig, beam_search
 from captioning.synthetic import make_shapes_dataset
+from captioning.tuning import calibrate, fold_batchnorm
 from captioning.train import TrainConfig, decoder_loss, image_batches, length_buckets
 from captioning.vocab import END, PAD, START
 
@@ -134,6 +135,7 @@ def fake_throughput(best_batch, best_layout=True):
 
 
 def test_calibrated_settings_are_used_remembered_and_give_the_plain_features(paths, plain, tmp_path, monkeypatch):
+    fake_proc_stat(monkeypatch, 0.0)   # an idle machine, whatever else runs beside the tests
     measure, calls = fake_throughput(best_batch=8)
     monkeypatch.setattr(tuning, "measure_throughput", measure)
     used = []
@@ -147,7 +149,7 @@ def test_calibrated_settings_are_used_remembered_and_give_the_plain_features(pat
     assert (8, False) in calls                     # the other layout was tried at the best size
     assert (64, True) not in calls                 # the sweep stopped once batches got clearly slower
     remembered = json.loads((tmp_path / "cache" / "calibration.json").read_text())
-    key = features.calibration_key("resnet18", torch.device("cpu"), torch.get_num_threads())
+    key = tuning.calibration_key("resnet18", torch.device("cpu"), torch.get_num_threads())
     assert remembered[key]["batch_size"] == 8 and remembered[key]["channels_last"] is True
     assert_close_fp16(store.grid, plain[0])
     assert_close_fp16(store.pooled, plain[1])
@@ -166,17 +168,17 @@ def test_calibrated_settings_are_used_remembered_and_give_the_plain_features(pat
 def fake_proc_stat(monkeypatch, others_cores):
     """Make CpuShare see other programs keeping `others_cores` cores busy (this process uses one)."""
     clock = itertools.count()
-    monkeypatch.setattr(features.CpuShare, "_read",
+    monkeypatch.setattr(tuning.CpuShare, "_read",
                         staticmethod(lambda: (lambda k: (100.0 + k * (1 + others_cores), 5.0 + k, float(k)))(next(clock))))
 
 
 def test_cpu_share_counts_only_other_programs(monkeypatch):
     fake_proc_stat(monkeypatch, 0.0)
-    assert features.CpuShare().threads(2) == 2
+    assert tuning.CpuShare().threads(2) == 2
     fake_proc_stat(monkeypatch, 1.0)
-    assert features.CpuShare().threads(2) == 1
+    assert tuning.CpuShare().threads(2) == 1
     fake_proc_stat(monkeypatch, 6.0)
-    share = features.CpuShare()
+    share = tuning.CpuShare()
     assert share.others() == pytest.approx(6.0) and share.threads(4) == 1
 
 
