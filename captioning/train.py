@@ -139,7 +139,9 @@ def amp_dtype(device, amp):
 def validation_loss(decoder, store, data, cfg, device):
     decoder.eval()
     total, count = 0.0, 0
-    for idx in image_batches(data.rows, 320, torch.Generator().manual_seed(0)):
+    # 160 captions (32 images) a batch: 320 made validation the peak of a training run's memory
+    # (attention, Flickr8k: 925 against 804 MB anonymous; bench/memory.py), at no cost in speed.
+    for idx in image_batches(data.rows, 160, torch.Generator().manual_seed(0)):
         feats, index = load_unique(store, data.rows[idx], decoder.uses_grid, device)
         width = int(data.lengths[idx].max())
         logits, targets, _ = decoder(feats, data.tokens[idx, :width].to(device), data.lengths[idx].to(device), index)
@@ -149,8 +151,9 @@ def validation_loss(decoder, store, data, cfg, device):
 
 
 @torch.inference_mode()
-def caption_rows(decoder, store, rows, vocab, device, batch=256):
-    """Greedy captions for feature rows, as text."""
+def caption_rows(decoder, store, rows, vocab, device, batch=100):
+    """Greedy captions for feature rows, as text. Batches of 100 images search as fast as larger ones
+    (bench/beam_speed.py) with less memory than 256 did."""
     decoder.eval()
     out = []
     for i in range(0, len(rows), batch):
