@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from captioning.encoders import load_image
 from captioning.models import AttentionDecoder
 from captioning.search import beam_search
+from captioning.train import optimizer_step
 from captioning.vocab import PAD
 
 
@@ -65,10 +66,7 @@ def naive_train_epoch(decoder, optimizer, store, data, batch_size, generator, cl
     for idx in naive_batches(len(data.lengths), batch_size, generator):
         feats = torch.from_numpy(np.stack([np.asarray(source[int(r)]) for r in data.rows[idx]]))
         loss = naive_loss(decoder, feats, data.tokens[idx], data.lengths[idx], att_reg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), clip)
-        optimizer.step()
+        optimizer_step(loss, optimizer, decoder.parameters(), clip)   # the same step as train.py's
         n = int((data.lengths[idx] - 1).sum())
         total, count = total + loss.item() * n, count + n
     return total / max(count, 1)

@@ -27,7 +27,7 @@ from captioning.datasets import load_dataset
 from captioning.models import ModelConfig, build_decoder
 from captioning.store import feature_stats, load_unique, open_store
 from captioning.train import (TrainConfig, decoder_loss, encode_split, image_batches, length_buckets, make_optimizer,
-                              validation_loss)
+                              optimizer_step, validation_loss)
 from captioning.vocab import Vocabulary
 
 from bench.naive import naive_train_epoch
@@ -43,10 +43,7 @@ def fast_epoch(decoder, optimizer, store, data, batches, cfg):
         feats, index = load_unique(store, data.rows[idx], decoder.uses_grid, torch.device("cpu"))
         width = int(data.lengths[idx].max())
         loss, n = decoder_loss(decoder, feats, data.tokens[idx, :width], data.lengths[idx], cfg, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip)
-        optimizer.step()
+        optimizer_step(loss, optimizer, decoder.parameters(), cfg.clip)
         total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
 

@@ -10,9 +10,10 @@ import torch
 
 from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summarize
 from .encoders import EncoderSpec, build_encoder, load_image
-from .features import fold_batchnorm, pick_device
+from .features import pick_device
 from .models import Ensemble, ModelConfig, build_decoder
 from .search import SearchConfig, beam_search
+from .tuning import fold_batchnorm
 from .utils import CaptioningError, add_task, advance_task, collect_images, console, make_progress
 from .vocab import Vocabulary
 

@@ -75,6 +75,11 @@ def search_options(p):
                    "(0 favours short captions, 1 is the mean per word; default 0.7)")
 
 
+def dist_option(p):
+    p.add_argument("--dist-timeout", type=positive_float, default=1800, metavar="SECONDS", help="under torchrun: "
+                   "how long a process waits for the others before the job stops (default 1800)")
+
+
 def ensemble_option(p):
     p.add_argument("--ensemble", nargs="+", default=[], metavar="PATH", help="more checkpoints (same encoder "
                    "and vocabulary) whose word probabilities are averaged with --model's")
@@ -95,8 +100,7 @@ def build_parser():
     p.add_argument("--data", required=True, help="dataset folder")
     encoder_options(p)
     p.add_argument("--batch-size", type=positive_int, dest="extract_batch_size", help="same as --extract-batch-size")
-    p.add_argument("--dist-timeout", type=positive_float, default=1800, metavar="SECONDS", help="under torchrun: "
-                   "how long a process waits for the others before the job stops (default 1800)")
+    dist_option(p)
 
     p = sub.add_parser("train", parents=[common], help="train a caption decoder (extracts features first)")
     p.add_argument("--data", required=True, help="dataset folder")
@@ -119,8 +123,7 @@ def build_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision "
                    "(bf16, or fp16 with loss scaling) on CUDA GPUs (default: on there; no effect elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPUs, long runs)")
-    p.add_argument("--dist-timeout", type=positive_float, default=1800, metavar="SECONDS", help="under torchrun: "
-                   "how long a process waits for the others before the job stops (default 1800)")
+    dist_option(p)
 
     p = sub.add_parser("caption", parents=[common], help="caption images (files or folders)")
     p.add_argument("images", nargs="+", help="image files or folders")

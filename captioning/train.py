@@ -331,7 +331,6 @@ def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch, 
     return total / max(count, 1)
 
 
-
 def optimizer_step(loss, optimizer, params, clip, scaler=None):
     """Backward pass, gradient clipping, update; through fp16's GradScaler when there is one (it skips the
     update when a gradient overflowed). Returns the gradient norm before clipping."""
