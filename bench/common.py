@@ -53,7 +53,7 @@ def flickr_cache(encoder="mobilenet_v2"):
             return folder
     from captioning.encoders import EncoderSpec
     from captioning.features import ExtractConfig
-    from captioning.train import prepare
+    from captioning.prepare import prepare
     print(f"# extracting {encoder} features of Flickr8k into {WORK} (once)", file=sys.stderr)
     return prepare(FLICKR8K, WORK, EncoderSpec(encoder), ExtractConfig(device="cpu"))[2].folder
 

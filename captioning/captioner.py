@@ -12,7 +12,7 @@ from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summariz
 from .encoders import EncoderSpec, build_encoder, load_image
 from .features import pick_device
 from .models import Ensemble, ModelConfig, build_decoder
-from .search import SearchConfig, beam_search
+from .search import SearchConfig, search
 from .tuning import fold_batchnorm
 from .utils import CaptioningError, add_task, advance_task, collect_images, console, make_progress
 from .vocab import Vocabulary
@@ -102,7 +102,7 @@ class Captioner:
         return grid if self.decoder.uses_grid else grid.mean(1)
 
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
-        return beam_search(self.decoder, features, cfg, keep_alphas=keep_alphas)
+        return search(self.decoder, features, cfg, keep_alphas=keep_alphas)
 
     def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
         names = names or [""] * len(images)

@@ -65,6 +65,20 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def training_checkpoint(run, epoch):
+    """The checkpoint of a training run (train.Run) after `epoch`: what captioning needs, plus the optimizer,
+    scheduler and RNG states that make --resume continue exactly."""
+    import torch
+    from dataclasses import asdict
+    cfg = run.cfg
+    return {"decoder_state": run.decoder.state_dict(), "vocab": run.vocab.words, "model_config": cfg.model.to_dict(),
+            "encoder": run.spec.to_dict(), "grid_hw": list(run.store.grid_hw), "history": run.history,
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "model"},
+            "optimizer_state": run.optimizer.state_dict(), "scheduler_state": run.scheduler.state_dict(),
+            "generator_state": run.generator.get_state(), "torch_rng_state": torch.get_rng_state(),
+            "epoch": epoch, "best_score": run.best, "best_metric": "CIDEr-D"}
+
+
 # What captioning needs; the rest of a training checkpoint (optimizer, RNG states) only serves --resume.
 EXPORT_KEYS = ("vocab", "model_config", "encoder", "grid_hw", "history", "train_config", "epoch",
                "best_score", "best_metric")
@@ -137,7 +151,9 @@ def summarize(ckpt):
     """The few facts a person wants to see about a model."""
     cfg, enc = ckpt["model_config"], ckpt["encoder"]
     last = (ckpt.get("history") or [{}])[-1]
-    return {"decoder": cfg["decoder"], "encoder": enc["name"], "vocab_size": len(ckpt["vocab"]),
+    from .models import DECODERS
+    return {"decoder": cfg["decoder"], "attention": getattr(DECODERS.get(cfg["decoder"]), "uses_grid", False),
+            "encoder": enc["name"], "vocab_size": len(ckpt["vocab"]),
             "epoch": ckpt.get("epoch", 0), "best_metric": ckpt.get("best_metric", "CIDEr-D"),
             "best_score": ckpt.get("best_score"), "val_loss": last.get("val_loss"),
             "evaluation": {split: r.get("scores") for split, r in (ckpt.get("evaluation") or {}).items()}}

@@ -85,6 +85,11 @@ def ensemble_option(p):
                    "and vocabulary) whose word probabilities are averaged with --model's")
 
 
+def decoder_names():
+    """The registered decoders, without importing torch (the --help path): models.py registers them."""
+    return ["lstm", "attention", "updown"]
+
+
 def build_parser():
     common = common_options(defaults=False)
     parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common_options()],
@@ -107,7 +112,14 @@ def build_parser():
     encoder_options(p)
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--decoder", default="lstm", choices=["lstm", "attention"])
+    p.add_argument("--decoder", default="lstm", choices=decoder_names())
+    p.add_argument("--objective", default="xe", choices=["xe", "scst"], help="xe: cross-entropy; scst: "
+                   "self-critical CIDEr-D training, continuing from a trained model (default xe)")
+    p.add_argument("--init-from", metavar="PATH", default="", help="scst: the model to start from (default: "
+                   "models/best.pt, kept as models/xe_best.pt)")
+    p.add_argument("--scst-lr", type=positive_float, default=2e-5, help="scst learning rate (default 2e-5)")
+    p.add_argument("--scst-samples", type=positive_int, default=5, help="scst: captions sampled per image "
+                   "(default 5)")
     p.add_argument("--resume", action="store_true", help="continue from models/last.pt")
     p.add_argument("--lr", type=positive_float, default=4e-4, help="learning rate (default 4e-4)")
     p.add_argument("--embed-dim", type=positive_int, default=256)
@@ -120,6 +132,8 @@ def build_parser():
     p.add_argument("--min-count", type=positive_int, default=5, help="rarer words become <unk> (default 5)")
     p.add_argument("--patience", type=positive_int, default=4, help="stop after this many epochs without "
                    "a better dev CIDEr-D (default 4)")
+    p.add_argument("--lr-patience", type=positive_int, default=1, help="halve the learning rate after this many "
+                   "epochs without a better dev CIDEr-D (default 1)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision "
                    "(bf16, or fp16 with loss scaling) on CUDA GPUs (default: on there; no effect elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPUs, long runs)")
@@ -132,6 +146,9 @@ def build_parser():
     ensemble_option(p)
     search_options(p)
     p.add_argument("--num-captions", type=positive_int, default=1, help="the N best distinct captions")
+    p.add_argument("--diversity", default="sample", choices=["sample", "beam"], help="how captions 2..N are "
+                   "found: sample (seeded nucleus samples that differ from the others in at least half their "
+                   "words; default) or beam (the next-best beams, often the same sentence)")
     p.add_argument("--output", help="PNG path for one image (default captioned_image.png); a folder for several")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
     p.add_argument("--attention", action="store_true", help="also draw where the model looked, word by word")
@@ -183,7 +200,7 @@ def _spec(args):
 
 def cmd_extract(args):
     from .distributed import session
-    from .train import prepare
+    from .prepare import prepare
     with session(args.device, args.dist_timeout) as device:   # under torchrun: one slice per process
         args.device = device
         _, records, store = prepare(clean_user_path(args.data), args.workdir, _spec(args), _extract_config(args))
@@ -196,8 +213,9 @@ def cmd_train(args):
     model = ModelConfig(decoder=args.decoder, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
                         attention_dim=args.attention_dim, context_dim=args.context_dim, dropout=args.dropout)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
-                      min_count=args.min_count, patience=args.patience, seed=args.seed, amp=args.amp,
-                      compile=args.compile, model=model)
+                      min_count=args.min_count, patience=args.patience, lr_patience=args.lr_patience, seed=args.seed, amp=args.amp,
+                      compile=args.compile, objective=args.objective, scst_lr=args.scst_lr,
+                      scst_samples=args.scst_samples, init_from=args.init_from, model=model)
     from .distributed import session
     with session(args.device, args.dist_timeout) as device:   # under torchrun: DistributedDataParallel
         args.device = device
@@ -217,7 +235,7 @@ def cmd_caption(args):
     from .search import SearchConfig
     captioner = Captioner.load(args.model, args.workdir, args.device, args.ensemble)
     cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions,
-                       length_alpha=args.length_alpha)
+                       length_alpha=args.length_alpha, diversity=args.diversity, seed=args.seed)
     results = caption_files(captioner, inputs, cfg, args.output, args.attention, paths=paths)
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
@@ -325,6 +343,12 @@ def clean_paths(args):
         raise CaptioningError(f"--workdir {args.workdir} is a file; it must be a folder (for models/ and cache/).")
 
 
+def run_argv(argv):
+    """Parse `argv` with this parser and run its command: how the menu runs what its answers describe."""
+    args = build_parser().parse_args(argv)
+    COMMANDS[args.command](args)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -333,5 +357,5 @@ def main(argv=None):
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # DataLoader workers too
     if args.command is None:
         from .menu import run_menu
-        return run_guarded(lambda: (clean_paths(args), run_menu(args)), args.debug)
+        return run_guarded(lambda: (clean_paths(args), run_menu(args, run_argv)), args.debug)
     return run_guarded(lambda: (clean_paths(args), COMMANDS[args.command](args)), args.debug)

@@ -304,7 +304,7 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     from .features import ExtractConfig
     from .search import SearchConfig
     from .store import load_features
-    from .train import prepare
+    from .prepare import prepare
     from .utils import add_task, advance_task, make_progress
 
     search_cfg = search_cfg or SearchConfig()

@@ -77,8 +77,9 @@ def ask_path(prompt, default=None, want="any"):
 class MenuState:
     """What the menu remembers between runs: the dataset folder last used (in <workdir>/cache/menu.json)."""
 
-    def __init__(self, args):
+    def __init__(self, args, run_cli):
         self.args = args
+        self.run_cli = run_cli   # argv → runs that command with the CLI's own parser (cli.run_argv)
         self.file = Path(args.workdir) / "cache" / "menu.json"
         try:
             self.data = json.loads(self.file.read_text()).get("data")
@@ -141,13 +142,11 @@ def do_download(state):
 
 def run_command(state, argv):
     """Run a CLI command with the menu's answers: one parser, one set of defaults, the commands' own code."""
-    from .cli import COMMANDS, build_parser
     common = [f"--workdir={state.args.workdir}", f"--device={state.args.device}", f"--seed={state.args.seed}"]
     try:
-        args = build_parser().parse_args([*argv[:1], *common, *map(str, argv[1:])])
+        state.run_cli([*argv[:1], *common, *map(str, argv[1:])])
     except SystemExit:  # argparse has said what was wrong; the menu must not end for it
         raise CaptioningError(f"The {argv[0]} command could not use these answers (see above).") from None
-    COMMANDS[args.command](args)
 
 
 def do_extract(state):
@@ -178,7 +177,7 @@ def do_caption(state):
     beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
     attention = []
     summary = read_summary(find_model(state.args.workdir))
-    if summary and summary.get("decoder") == "attention":
+    if summary and summary.get("attention", summary.get("decoder") == "attention"):   # older summaries lack it
         if ask_choice("Also draw the attention maps", ["y", "n"], "n") == "y":
             attention = ["--attention"]
     run_command(state, ["caption", "--beam-size", beam, *attention, "--", path])
@@ -204,8 +203,8 @@ ACTIONS = {"1": do_download, "2": do_extract, "3": do_train, "4": do_caption, "5
            "8": do_dashboard}
 
 
-def run_menu(args):
-    state = MenuState(args)
+def run_menu(args, run_cli):
+    state = MenuState(args, run_cli)
     while True:
         try:
             header(state)

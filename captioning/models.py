@@ -1,10 +1,9 @@
-"""Caption decoders: Show-and-Tell LSTM and Show-Attend-and-Tell soft attention.
+"""Caption decoders: Show-and-Tell LSTM, Show-Attend-and-Tell soft attention, and Up-Down attention.
 
-Both read captions as token ids laid out `<start> w1 ... wn <end> <pad>...` and are trained to predict
-token t+1 from tokens up to t. Both expose the same two-call interface for search:
-    state = decoder.init_state(features)          # dict of tensors, batch first
-    logits, state, alpha = decoder.step(tokens, state)
-so greedy and beam search are written once, for both.
+Every decoder meets one contract (`Decoder` below) and is registered by name in `DECODERS`, so search,
+ensembles, training, export and every interface are written once for all of them. Captions are token
+ids laid out `<start> w1 ... wn <end> <pad>...`; a decoder is trained to predict token t+1 from tokens
+up to t. Adding a decoder is one class with `@register("name")`.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -19,17 +18,57 @@ from .vocab import START
 
 @dataclass
 class ModelConfig:
-    decoder: str = "lstm"        # "lstm" (Show and Tell) or "attention" (Show, Attend and Tell)
+    decoder: str = "lstm"        # a name in DECODERS: "lstm", "attention" or "updown"
     vocab_size: int = 0
     feat_dim: int = 0            # channels of the encoder's features
     embed_dim: int = 256
     hidden_dim: int = 512
     attention_dim: int = 512
-    context_dim: int = 512       # attention decoder: features are first projected to this size (0: keep C)
+    context_dim: int = 512       # grid decoders: features are first projected to this size (0: keep C)
     dropout: float = 0.5
 
     def to_dict(self):
         return asdict(self)
+
+
+DECODERS = {}
+
+
+def register(name):
+    """Class decorator: makes a decoder available by name to every command, the menu and the dashboard."""
+    def add(cls):
+        cls.name = name
+        DECODERS[name] = cls
+        return cls
+    return add
+
+
+def build_decoder(cfg: ModelConfig):
+    if cfg.decoder not in DECODERS:
+        raise ValueError(f"unknown decoder '{cfg.decoder}' (expected one of: {', '.join(DECODERS)})")
+    return DECODERS[cfg.decoder](cfg)
+
+
+class Decoder(nn.Module):
+    """The contract every decoder meets (B images or beams, P grid cells, C channels, V words, T tokens).
+
+    uses_grid   True: features are the grid [B, P, C]; False: the pooled vector [B, C].
+    per_image   names of state entries that depend on the image only (never on the words so far): search
+                keeps them aside instead of reordering them with the beams.
+    norm        a FeatureNorm, set from the training features' statistics before training.
+    init_state(features) -> dict of batch-first tensors (the state before <start>).
+    step(tokens [B], state) -> (logits [B, V], new state, attention [B, P] or None): one word.
+    forward(features, captions [N, T], lengths [N], image_index [N] or None) -> (logits [M, V],
+                targets [M], aux): teacher forcing over the M real (non-pad) positions; with `image_index`,
+                `features` hold each image once and caption i belongs to image image_index[i].
+    extra_loss(aux) -> the decoder's own loss term (scalar tensor) or None; training weights it.
+    """
+    name = ""
+    uses_grid = False
+    per_image = ()
+
+    def extra_loss(self, aux):
+        return None
 
 
 class FeatureNorm(nn.Module):
@@ -51,10 +90,11 @@ class FeatureNorm(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
-class ShowTellDecoder(nn.Module):
+@register("lstm")
+class ShowTellDecoder(Decoder):
     """Vinyals et al. 2015: the image embedding takes the place of `<start>`, then a fused nn.LSTM."""
     uses_grid = False
-    per_image = ("image",)   # state that depends on the image only, not on the words so far (see search.py)
+    per_image = ("image",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -71,9 +111,7 @@ class ShowTellDecoder(nn.Module):
         return torch.where((tokens == START).unsqueeze(-1), image.unsqueeze(1), self.embed(tokens))
 
     def forward(self, features, captions, lengths, image_index=None):
-        """Logits and targets for the real (non-pad) positions only: the vocabulary projection, the
-        costliest layer, never runs on padding. With `image_index`, `features` hold each image once and
-        caption i belongs to image image_index[i]."""
+        """The vocabulary projection, the costliest layer, never runs on padding (packed sequences)."""
         image = self.image_embed(self.norm(features))
         if image_index is not None:
             image = image[image_index]
@@ -98,10 +136,70 @@ class ShowTellDecoder(nn.Module):
         return self.out(out[:, 0]), new, None
 
 
-class AttentionDecoder(nn.Module):
+def attention_penalty(alphas):
+    """alphas [N, T, P] → mean over captions and cells of (1 − Σ_t alpha)²."""
+    return ((1.0 - alphas.sum(1)) ** 2).mean()
+
+
+class GridDecoder(Decoder):
+    """What the attention decoders share: a projected grid, one word at a time through `_advance`
+    (embedded word, state → top hidden state, changed state entries, attention), and a teacher-forced
+    pass that runs each step only on the captions still going."""
+    uses_grid = True
+
+    def _grid(self, cfg):
+        c = cfg.context_dim or cfg.feat_dim
+        # Projecting the (1280- or 2048-channel) grid once per image makes every word's attention and LSTM
+        # input several times cheaper; on a CPU that is most of an epoch's time.
+        self.project = (nn.Sequential(nn.Linear(cfg.feat_dim, c), nn.ReLU(), nn.Dropout(cfg.dropout))
+                        if cfg.context_dim else nn.Identity())
+        return c
+
+    def _attention(self, state, query):
+        """Soft attention of `query` [B, A] (already projected) over the cells: (context [B, C], alpha [B, P])."""
+        # The [B, P, A] sum and its tanh are most of a search step's time; tanh in place saves a tensor that size.
+        scores = self.full_att((state["proj"] + query.unsqueeze(1)).tanh_()).squeeze(-1)
+        alpha = scores.softmax(-1)                                      # [B, P], sums to one
+        # The weighted mix of cells as a batched matrix product: no [B, P, C] product tensor to sum.
+        return torch.bmm(alpha.unsqueeze(1), state["feats"]).squeeze(1), alpha
+
+    def step(self, tokens, state):
+        h, new, alpha = self._advance(self.embed(tokens), state)
+        return self.out(self.drop(h)), {**state, **new}, alpha
+
+    def forward(self, features, captions, lengths, image_index=None):
+        """Captions sorted longest first, so step t runs only on the rows still inside their caption."""
+        state = self.init_state(features)
+        if image_index is not None:
+            state = {k: v[image_index] for k, v in state.items()}
+        order = lengths.argsort(descending=True)
+        state = {k: v[order] for k, v in state.items()}
+        captions, steps = captions[order], (lengths[order] - 1).tolist()
+        emb = self.embed(captions[:, :-1])
+        hidden, targets = [], []
+        alphas = features.new_zeros(len(steps), steps[0], state["feats"].shape[1])
+        for t in range(steps[0]):
+            n = sum(s > t for s in steps)                               # rows still running at step t
+            state = {k: v[:n] for k, v in state.items()}
+            h, new, alpha = self._advance(emb[:n, t], state)
+            state.update(new)
+            hidden.append(h)
+            targets.append(captions[:n, t + 1])
+            alphas[:n, t] = alpha
+        # One vocabulary projection for all steps: a single large matrix product beats many small ones.
+        return self.out(self.drop(torch.cat(hidden))), torch.cat(targets), alphas
+
+    def extra_loss(self, alphas):
+        """Doubly stochastic regularisation: over a caption, each cell's total attention should be ~1."""
+        return attention_penalty(alphas)
+
+    attention_penalty = staticmethod(attention_penalty)
+
+
+@register("attention")
+class AttentionDecoder(GridDecoder):
     """Xu et al. 2015, soft attention: at each word the LSTM looks at a weighted mix of the grid cells,
     scaled by a learnt gate; a doubly stochastic penalty asks every cell to be looked at about once."""
-    uses_grid = True
     per_image = ("feats", "proj")
 
     def __init__(self, cfg: ModelConfig):
@@ -109,11 +207,7 @@ class AttentionDecoder(nn.Module):
         self.cfg = cfg
         e, h, a = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
         self.norm = FeatureNorm(cfg.feat_dim)
-        # Projecting the (1280- or 2048-channel) grid once per image makes every word's attention and LSTM
-        # input several times cheaper; on a CPU that is most of an epoch's time.
-        c = cfg.context_dim or cfg.feat_dim
-        self.project = (nn.Sequential(nn.Linear(cfg.feat_dim, c), nn.ReLU(), nn.Dropout(cfg.dropout))
-                        if cfg.context_dim else nn.Identity())
+        c = self._grid(cfg)
         self.enc_att, self.dec_att, self.full_att = nn.Linear(c, a), nn.Linear(h, a), nn.Linear(a, 1)
         self.init_h, self.init_c = nn.Linear(c, h), nn.Linear(c, h)
         self.gate = nn.Linear(h, c)
@@ -129,48 +223,46 @@ class AttentionDecoder(nn.Module):
                 "h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean))}
 
     def _attend(self, state):
-        # The [B, P, A] sum and its tanh are most of a search step's time; tanh in place saves a tensor that size.
-        scores = self.full_att((state["proj"] + self.dec_att(state["h"]).unsqueeze(1)).tanh_()).squeeze(-1)
-        alpha = scores.softmax(-1)                                      # [B, P], sums to one
-        # The weighted mix of cells as a batched matrix product: no [B, P, C] product tensor to sum.
-        context = torch.bmm(alpha.unsqueeze(1), state["feats"]).squeeze(1)
+        context, alpha = self._attention(state, self.dec_att(state["h"]))
         return torch.sigmoid(self.gate(state["h"])) * context, alpha
 
-    def step(self, tokens, state):
+    def _advance(self, emb, state):
         context, alpha = self._attend(state)
-        h, c = self.cell(torch.cat([self.embed(tokens), context], -1), (state["h"], state["c"]))
-        new = dict(state, h=h, c=c)
-        return self.out(self.drop(h)), new, alpha
+        h, c = self.cell(torch.cat([emb, context], -1), (state["h"], state["c"]))
+        return h, {"h": h, "c": c}, alpha
 
-    def forward(self, features, captions, lengths, image_index=None):
-        """Teacher-forced pass. Captions are sorted longest first so that step t runs only on the rows
-        still inside their caption: no compute on padding. With `image_index`, `features` hold each image
-        once (its projections are computed once for all its captions)."""
-        state = self.init_state(features)
-        if image_index is not None:
-            state = {k: v[image_index] for k, v in state.items()}
-        order = lengths.argsort(descending=True)
-        state = {k: v[order] for k, v in state.items()}
-        captions, steps = captions[order], (lengths[order] - 1).tolist()
-        emb = self.embed(captions[:, :-1])
-        hidden, targets = [], []
-        alphas = features.new_zeros(len(steps), steps[0], state["feats"].shape[1])
-        for t in range(steps[0]):
-            n = sum(s > t for s in steps)                               # rows still running at step t
-            state = {k: v[:n] for k, v in state.items()}
-            context, alpha = self._attend(state)
-            h, c = self.cell(torch.cat([emb[:n, t], context], -1), (state["h"], state["c"]))
-            state.update(h=h, c=c)
-            hidden.append(h)
-            targets.append(captions[:n, t + 1])
-            alphas[:n, t] = alpha
-        # One vocabulary projection for all steps: a single large matrix product beats many small ones.
-        return self.out(self.drop(torch.cat(hidden))), torch.cat(targets), alphas
 
-    @staticmethod
-    def attention_penalty(alphas):
-        """Doubly stochastic regularisation: over a caption, each cell's total attention should be ~1."""
-        return ((1.0 - alphas.sum(1)) ** 2).mean()
+@register("updown")
+class UpDownDecoder(GridDecoder):
+    """Anderson et al. 2018, top-down attention with two LSTMs. The attention LSTM sees the language
+    LSTM's last state, the mean image feature and the word; its state chooses where to look; the language
+    LSTM reads the attended features and the attention LSTM's state and predicts the next word."""
+    per_image = ("feats", "proj", "mean")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        e, h, a = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
+        self.norm = FeatureNorm(cfg.feat_dim)
+        c = self._grid(cfg)
+        self.enc_att, self.dec_att, self.full_att = nn.Linear(c, a), nn.Linear(h, a), nn.Linear(a, 1)
+        self.embed = nn.Embedding(cfg.vocab_size, e, padding_idx=0)
+        self.att_cell = nn.LSTMCell(h + c + e, h)
+        self.lang_cell = nn.LSTMCell(c + h, h)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(h, cfg.vocab_size)
+
+    def init_state(self, features):
+        feats = self.project(self.norm(features))                       # [B, P, C]
+        zeros = feats.new_zeros(feats.shape[0], self.cfg.hidden_dim)
+        return {"feats": feats, "proj": self.enc_att(feats), "mean": feats.mean(1),
+                "h1": zeros, "c1": zeros, "h2": zeros, "c2": zeros}
+
+    def _advance(self, emb, state):
+        h1, c1 = self.att_cell(torch.cat([state["h2"], state["mean"], emb], -1), (state["h1"], state["c1"]))
+        context, alpha = self._attention(state, self.dec_att(h1))
+        h2, c2 = self.lang_cell(torch.cat([context, self.drop(h1)], -1), (state["h2"], state["c2"]))
+        return h2, {"h1": h1, "c1": c1, "h2": h2, "c2": c2}, alpha
 
 
 class Ensemble(nn.Module):
@@ -200,14 +292,6 @@ class Ensemble(nn.Module):
                 alphas.append(alpha)
         mean = torch.logsumexp(torch.stack(logps), 0) - math.log(len(logps))  # log of the mean probability
         return mean, new, (torch.stack(alphas).mean(0) if alphas else None)
-
-
-def build_decoder(cfg: ModelConfig):
-    if cfg.decoder == "lstm":
-        return ShowTellDecoder(cfg)
-    if cfg.decoder == "attention":
-        return AttentionDecoder(cfg)
-    raise ValueError(f"unknown decoder '{cfg.decoder}' (expected 'lstm' or 'attention')")
 
 
 def caption_loss(logits, targets, label_smoothing=0.0):

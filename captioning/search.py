@@ -7,7 +7,7 @@ emits <unk>, <pad> or <start>, never ends on the first word, can forbid repeatin
 finished captions by log-probability divided by length**alpha (so that short captions are not favoured
 just for having fewer terms in the sum). Greedy search is beam search with K = 1.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +21,9 @@ class SearchConfig:
     length_alpha: float = 0.7      # 0: raw log-probability; 1: mean log-probability per word
     block_trigrams: bool = True    # "a man in a red shirt in a red shirt" is never what anyone wants
     num_captions: int = 1          # the N best distinct captions per image
+    diversity: str = "sample"      # captions 2..N: "sample" (nucleus samples unlike those chosen) or "beam"
+    top_p: float = 0.8             # diversity "sample": sample from the words making up this much probability
+    seed: int = 0                  # diversity "sample": the same photo gets the same captions every run
 
 
 @dataclass
@@ -166,3 +169,98 @@ def sequence_logprob(decoder, features, tokens):
             total += float(logits.float().log_softmax(-1)[0, word])
             prev = torch.tensor([word], device=features.device)
     return total
+
+
+def sample(decoder, features, n, max_len=20, generator=None, top_p=1.0):
+    """`n` captions per image drawn word by word from the decoder's distribution (nucleus sampling when
+    top_p < 1). Runs with autograd on when the caller has it on: self-critical training backpropagates
+    through the returned log-probabilities.
+
+    Returns (tokens [B*n, T] words then <end> then <pad>, logprobs [B*n, T] of the chosen tokens, 0 after
+    the end, lengths [B*n] words plus <end> where it ended). Rows are image-major: image i's samples are
+    rows i*n .. i*n+n-1."""
+    state = {key: v.repeat_interleave(n, 0) for key, v in decoder.init_state(features).items()}
+    rows = features.shape[0] * n
+    tokens = torch.full((rows,), START, dtype=torch.long, device=features.device)
+    alive = torch.ones(rows, dtype=torch.bool, device=features.device)
+    out, logps = [], []
+    for t in range(max_len):
+        logits, state, _ = decoder.step(tokens, state)
+        logits = logits.float()
+        banned = [PAD, START, UNK] + ([END] if t == 0 else [])   # as in beam search: at least one word
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask[:, banned] = True
+        if t == max_len - 1:
+            mask[:] = True
+            mask[:, END] = False                                   # out of room: end here
+        logp = logits.masked_fill(mask, float("-inf")).log_softmax(-1)
+        tokens = torch.multinomial(_nucleus(logp.detach().exp(), top_p), 1, generator=generator).squeeze(1)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, PAD))
+        chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        logps.append(torch.where(alive, chosen, torch.zeros_like(chosen)))   # <pad> has log 0 = -inf
+        out.append(tokens)
+        alive = alive & (tokens != END)
+        if not alive.any():
+            break
+    tokens = torch.stack(out, 1)
+    return tokens, torch.stack(logps, 1), (tokens != PAD).sum(1)
+
+
+def _nucleus(probs, top_p):
+    """Keep the smallest set of most likely words whose probabilities reach top_p (Holtzman et al. 2020)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p                  # the words after the set is full
+    return probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+
+
+# Diversity "sample": captions drawn per image, and how unlike each kept caption must be (word-set Jaccard
+# distance) from those already kept. Three human captions of a Flickr8k photo are 0.74 apart on average.
+DIVERSE_SAMPLES = 12
+MIN_DISTANCE = 0.5
+
+
+def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=False):
+    """The N best captions per image, as a user gets them. The first is always beam search's best; with
+    diversity "beam" the others are the next-best distinct beams (often the same sentence with another
+    ending), with "sample" they are the most likely of several nucleus samples that differ from every
+    caption kept so far in at least half of their words."""
+    if cfg.num_captions == 1 or cfg.diversity == "beam":
+        return beam_search(decoder, features, cfg, keep_alphas)
+    if cfg.diversity != "sample":
+        raise ValueError(f"unknown diversity '{cfg.diversity}' (expected 'sample' or 'beam')")
+    first = beam_search(decoder, features, replace(cfg, num_captions=1), keep_alphas)
+    return [f + others for f, others in zip(first, diverse_samples(decoder, features, cfg, first))]
+
+
+@torch.inference_mode()
+def diverse_samples(decoder, features, cfg, chosen):
+    """Per image, up to num_captions − 1 sampled Hypothesis that differ from `chosen` and each other."""
+    generator = torch.Generator(device=features.device).manual_seed(cfg.seed)
+    n = DIVERSE_SAMPLES
+    tokens, logps, lengths = sample(decoder, features, n, cfg.max_len, generator, cfg.top_p)
+    totals, lengths, tokens = logps.sum(1).tolist(), lengths.tolist(), tokens.tolist()
+    out = []
+    for i, kept in enumerate(chosen):
+        pool = [Hypothesis([w for w in tokens[r][:lengths[r]] if w != END], totals[r], totals[r] / lengths[r] ** cfg.length_alpha)
+                for r in range(i * n, (i + 1) * n)]
+        picked, sets = [], [set(h.tokens) for h in kept]
+        for h in sorted(pool, key=lambda h: h.score, reverse=True):
+            if len(picked) == cfg.num_captions - len(kept):
+                break
+            if all(word_distance(set(h.tokens), s) >= MIN_DISTANCE for s in sets):
+                picked.append(h)
+                sets.append(set(h.tokens))
+        seen = {tuple(h.tokens) for h in kept + picked}
+        for h in sorted(pool, key=lambda h: h.score, reverse=True):   # too few that differ: the likeliest rest
+            if len(picked) < cfg.num_captions - len(kept) and tuple(h.tokens) not in seen:
+                picked.append(h)
+                seen.add(tuple(h.tokens))
+        out.append(picked)
+    return out
+
+
+def word_distance(a, b):
+    """Jaccard distance of two word sets: 0 the same words, 1 none shared."""
+    return 1.0 - len(a & b) / max(len(a | b), 1)

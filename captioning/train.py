@@ -1,48 +1,62 @@
-"""Decoder training on cached features: teacher forcing, dev scores every epoch, best/last checkpoints.
+"""Decoder training on cached features: any objective (objectives.py), dev scores every epoch, best/last
+checkpoints, exact resume.
 
-Batches are bucketed by caption length, so almost no step is spent on padding. After each epoch the dev
-split is captioned greedily and scored (BLEU-4, CIDEr-D); `best.pt` is the epoch with the best dev
-CIDEr-D, the learning rate halves when it stalls, and training stops early when it stops improving.
-`last.pt` holds everything needed to resume exactly: weights, optimiser, scheduler, RNG, history.
+After each epoch the dev split is captioned and scored (BLEU-4, CIDEr-D; greedy for cross-entropy, beam
+search for self-critical training); `best.pt` is the epoch with the best dev CIDEr-D, the learning rate
+halves when it stalls, and training stops early when it stops improving. `last.pt` holds everything
+needed to resume exactly: weights, optimiser, scheduler, RNG, history.
+
+Self-critical training (`--objective scst`) starts from a trained model (`--init-from`, default the
+workdir's models/best.pt, which is first kept as models/xe_best.pt): its dev score with beam search is
+"epoch 0", so best.pt is never worse than the model it started from.
 
 Under torchrun (captioning/distributed.py) every rank trains on its part of each global batch with
 DistributedDataParallel; rank 0 alone scores the dev split, shares the scores and writes the files.
 """
 import contextlib
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import distributed
-from .checkpoint import load_checkpoint, models_dir, save_checkpoint
-from .datasets import load_dataset
+from .checkpoint import find_model, load_checkpoint, models_dir, save_checkpoint, training_checkpoint
 from .encoders import EncoderSpec, concrete_spec
 from .evaluate import score_captions
-from .features import ExtractConfig, extract_features, pick_device
-from .models import AttentionDecoder, ModelConfig, build_decoder, caption_loss
-from .search import greedy_search
+from .features import ExtractConfig, pick_device
+from .models import ModelConfig, build_decoder, caption_loss
+from .objectives import (build_objective, decoder_loss, image_batches, length_buckets,  # noqa: F401 (re-exported)
+                         make_batches)
+from .prepare import CaptionData, encode_split, prepare  # noqa: F401 (re-exported)
+from .search import SearchConfig, beam_search
 from .store import feature_stats, load_features, load_unique
-from .utils import CaptioningError, add_task, advance_task, console, make_progress
-from .vocab import PAD, Vocabulary, tokenize
+from .utils import CaptioningError, add_task, advance_task, console, make_progress, temp_path_for
+from .vocab import Vocabulary
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 20
-    batch_size: int = 32
+    batch_size: int = 32           # captions a step: reference captions (xe) or sampled ones (scst)
     lr: float = 4e-4
     weight_decay: float = 1e-4
     clip: float = 5.0              # gradient-norm clipping: LSTMs occasionally spike
     label_smoothing: float = 0.0
-    att_reg: float = 1.0           # weight of the doubly stochastic attention penalty
+    att_reg: float = 1.0           # weight of the decoder's own loss term (the attention penalty)
     min_count: int = 5             # words seen fewer times in train become <unk>
     max_words: int = 30            # longer captions are truncated (a few outliers in COCO)
     patience: int = 4              # epochs without a better dev CIDEr-D before stopping early
     lr_patience: int = 1           # epochs without improvement before halving the learning rate
     dev_images: int = 1000         # dev images decoded each epoch (scored against all their references)
     seed: int = 0
+    objective: str = "xe"          # "xe" (cross-entropy) or "scst" (self-critical, from a trained model)
+    scst_lr: float = 2e-5          # the learning rate of self-critical training
+    scst_samples: int = 5          # captions sampled per image (the baseline is the mean of the others)
+    init_from: str = ""            # scst: the model to start from (default: the workdir's models/best.pt)
     amp: bool | None = None        # mixed precision on CUDA (None: on); ignored elsewhere
     compile: bool = False          # torch.compile the decoder (worth it on GPUs for long runs)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -51,80 +65,16 @@ class TrainConfig:
 RUNTIME = ("epochs", "amp", "compile")   # how to run, not what to learn: --resume takes them from the command
 
 
-@dataclass
-class CaptionData:
-    """Every caption of a split as token ids, with the feature row of its image."""
-    tokens: torch.Tensor    # [N, max_words + 2] int64: <start> words <end> <pad>...
-    lengths: torch.Tensor   # [N] tokens including <start> and <end>
-    rows: torch.Tensor      # [N] feature rows
-
-
-def encode_split(records, vocab, row_of, max_words):
-    seqs, rows = [], []
-    for r in records:
-        for c in r.captions:
-            ids = vocab.encode(tokenize(c))[:max_words]
-            if ids:
-                seqs.append([1] + ids + [2])
-                rows.append(row_of[str(r.image)])
-    width = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), width), PAD, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s)
-    return CaptionData(tokens, torch.tensor([len(s) for s in seqs]), torch.tensor(rows))
-
-
-def length_buckets(lengths, batch_size, generator):
-    """Batches of captions of (nearly) equal length, in random order: the fused nn.LSTM then runs few,
-    full time steps. Shuffle, stable-sort by length, cut into batches, shuffle the batches."""
-    perm = torch.randperm(len(lengths), generator=generator)
-    order = perm[torch.sort(lengths[perm], stable=True).indices]
-    batches = list(torch.split(order, batch_size))
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def make_batches(decoder, data, batch_size, generator):
-    """Per decoder, the batching measured fastest on a CPU (bench/train_speed.py): the attention decoder's
-    cost is mostly per image, Show-and-Tell's mostly per time step."""
-    if decoder.uses_grid:
-        return image_batches(data.rows, batch_size, generator)
-    return length_buckets(data.lengths, batch_size, generator)
-
-
-def image_batches(rows, batch_size, generator):
-    """Batches of about `batch_size` captions made of whole images: all captions of a few random images.
-
-    The image-side work (feature projection, attention keys) then runs once per image instead of once per
-    caption — 5x less of the costliest part on Flickr8k and COCO. Padding costs nothing either way: the
-    decoders skip padded positions (packed sequences, shrinking batches)."""
-    uniq, inverse = torch.unique(rows, return_inverse=True)
-    per_batch = max(1, round(batch_size * len(uniq) / len(rows)))
-    by_image = torch.argsort(inverse, stable=True)
-    counts = torch.bincount(inverse, minlength=len(uniq))
-    groups = torch.split(by_image, counts.tolist())
-    order = torch.randperm(len(uniq), generator=generator).tolist()
-    return [torch.cat([groups[i] for i in order[j:j + per_batch]]) for j in range(0, len(order), per_batch)]
-
-
 def make_optimizer(params, cfg):
     """AdamW, fused where this torch has it for the device: one kernel over all parameters instead of
     several per tensor (attention decoder on 2 CPU cores: 3.9 against 8.7 ms a step, bench/train_speed.py).
     Its state is the same as the plain optimizer's, so checkpoints resume under either."""
     params = list(params)
+    lr = cfg.scst_lr if cfg.objective == "scst" else cfg.lr
     try:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError):   # torch < 2.4 on CPU, or a device without the fused kernel
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def decoder_loss(decoder, feats, batch_tokens, batch_lengths, cfg: TrainConfig, image_index=None, weights=(1.0, 1.0)):
-    """Mean cross-entropy per token (+ the attention penalty, a mean per caption), times `weights`:
-    (token, caption) weights that make a rank's loss its share of the whole global batch's."""
-    logits, targets, alphas = decoder(feats, batch_tokens, batch_lengths, image_index)
-    loss = caption_loss(logits, targets, cfg.label_smoothing) * weights[0]
-    if alphas is not None and cfg.att_reg:
-        loss = loss + cfg.att_reg * AttentionDecoder.attention_penalty(alphas) * weights[1]
-    return loss, len(targets)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def amp_dtype(device, amp):
@@ -151,51 +101,99 @@ def validation_loss(decoder, store, data, cfg, device):
 
 
 @torch.inference_mode()
-def caption_rows(decoder, store, rows, vocab, device, batch=100):
-    """Greedy captions for feature rows, as text. Batches of 100 images search as fast as larger ones
-    (bench/beam_speed.py) with less memory than 256 did."""
+def caption_rows(decoder, store, rows, vocab, device, beam_size=1, batch=100):
+    """Captions for feature rows, as text (greedy by default). Batches of 100 images search as fast as
+    larger ones (bench/beam_speed.py) with less memory than 256 did."""
     decoder.eval()
+    cfg = SearchConfig(beam_size=beam_size)
     out = []
     for i in range(0, len(rows), batch):
         feats = load_features(store, torch.as_tensor(rows[i:i + batch]), decoder.uses_grid, device)
-        out += [vocab.decode(h.tokens) for h in greedy_search(decoder, feats)]
+        out += [vocab.decode(h[0].tokens) for h in beam_search(decoder, feats, cfg)]
     return out
 
 
-def dev_scores(decoder, store, records, vocab, row_of, device, limit):
+def dev_scores(decoder, store, records, vocab, row_of, device, limit, beam_size=1):
     records = records[:limit]
-    captions = caption_rows(decoder, store, [row_of[str(r.image)] for r in records], vocab, device)
+    captions = caption_rows(decoder, store, [row_of[str(r.image)] for r in records], vocab, device, beam_size)
     cands = {i: c for i, c in enumerate(captions)}
     refs = {i: r.captions for i, r in enumerate(records)}
     s = score_captions(cands, refs, metrics=("BLEU", "CIDEr"), use_java=False)
     return {"BLEU-4": s["BLEU-4"], "CIDEr-D": s["CIDEr-D"]}
 
 
-def prepare(data_dir, workdir, spec: EncoderSpec, extract_cfg: ExtractConfig):
-    """Dataset records (with a readable image) and their feature store, extracting when needed."""
-    dataset = load_dataset(data_dir)
-    if dataset.missing:
-        console.print(f"[yellow]{dataset.missing:,} image(s) listed in the dataset are missing and were skipped.[/]")
-    paths = sorted({str(r.image) for r in dataset.records})
-    store = extract_features(paths, spec, workdir, extract_cfg)
-    records = [r for r in dataset.records if str(r.image) not in store.bad]
-    return dataset, records, store
+@dataclass
+class Run:
+    """One training run's pieces, as setup() makes them and every epoch uses them."""
+    cfg: TrainConfig
+    spec: EncoderSpec
+    device: torch.device
+    out_dir: Path
+    store: object
+    splits: dict                   # {"train": records, "val": records}
+    vocab: Vocabulary
+    train_data: CaptionData
+    val_data: CaptionData
+    decoder: torch.nn.Module       # what is saved and scored
+    objective: object
+    model: torch.nn.Module         # what runs the steps: the objective's module, wrapped for DDP or compiled
+    optimizer: object
+    scheduler: object
+    scaler: object
+    generator: torch.Generator
+    history: list = field(default_factory=list)
+    start_epoch: int = 1
+    best: float = float("-inf")
 
 
 def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: EncoderSpec = EncoderSpec(),
           extract_cfg: ExtractConfig = ExtractConfig(), resume=False):
     """Train a decoder; returns the path of the best checkpoint."""
-    device = pick_device(extract_cfg.device)
-    out_dir = models_dir(workdir)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    ckpt = None
+    run = setup(data_dir, workdir, cfg, spec, extract_cfg, resume)
+    return run_epochs(run)
+
+
+def starting_point(workdir, cfg, spec, resume):
+    """(checkpoint to continue or start from or None, whether it is a resume, cfg, spec)."""
+    last_path = models_dir(workdir) / "last.pt"
     if resume:
         if not last_path.exists():
             raise CaptioningError(f"Nothing to resume: {last_path} does not exist; train without --resume first.")
         ckpt = load_checkpoint(last_path)              # every rank reads the same file
-        spec = EncoderSpec(**ckpt["encoder"])           # the features must be the ones it was trained on
         runtime = {k: getattr(cfg, k) for k in RUNTIME}
         cfg = TrainConfig(**{**ckpt["train_config"], "model": ModelConfig(**ckpt["model_config"]), **runtime})
+        return ckpt, True, cfg, EncoderSpec(**ckpt["encoder"])   # the features it was trained on
+    if cfg.objective != "scst":
+        return None, False, cfg, spec
+    init = scst_init_path(workdir, cfg.init_from)
+    ckpt = load_checkpoint(init)
+    cfg.init_from = str(init)
+    cfg.model = ModelConfig(**ckpt["model_config"])
+    return ckpt, False, cfg, EncoderSpec(**ckpt["encoder"])
+
+
+def scst_init_path(workdir, init_from):
+    """The model self-critical training starts from. The workdir's own best.pt is kept as xe_best.pt
+    first: the new run's best.pt replaces it, and the cross-entropy model must not be lost."""
+    path = Path(find_model(workdir, init_from or None))
+    best = models_dir(workdir) / "best.pt"
+    if path.exists() and best.exists() and path.resolve() == best.resolve():
+        kept = models_dir(workdir) / "xe_best.pt"
+        if distributed.is_main():
+            for src, dst in ((best, kept), (best.with_suffix(".json"), kept.with_suffix(".json"))):
+                if src.exists():
+                    tmp = temp_path_for(dst)
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, dst)
+        distributed.barrier()
+        console.print(f"Starting from {best}, kept as {kept}.")
+        return kept
+    return path
+
+
+def setup(data_dir, workdir, cfg, spec, extract_cfg, resume):
+    device = pick_device(extract_cfg.device)
+    ckpt, resuming, cfg, spec = starting_point(workdir, cfg, spec, resume)
     spec = concrete_spec(spec)
     _, records, store = prepare(data_dir, workdir, spec, extract_cfg)
     splits = {s: [r for r in records if r.split == s] for s in ("train", "val")}
@@ -208,73 +206,106 @@ def train(data_dir, workdir=".", cfg: TrainConfig = TrainConfig(), spec: Encoder
     val_data = encode_split(splits["val"], vocab, row_of, cfg.max_words)
     distributed.check_same(int(train_data.tokens.sum() + train_data.rows.sum()) + len(vocab), "The processes of "
                            "this job see different training data: on several machines, give each the same dataset.")
-
     torch.manual_seed(cfg.seed)
     cfg.model = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(vocab), "feat_dim": store.channels})
     decoder = build_decoder(cfg.model).to(device)
-    model = distributed.wrap(decoder, device)       # what trains; `decoder` is what is saved and scored
+    if ckpt:
+        decoder.load_state_dict({k: v.float() for k, v in ckpt["decoder_state"].items()})
+    else:
+        decoder.norm.set_stats(*feature_stats(store, train_data.rows, decoder.uses_grid))
+    objective = build_objective(cfg, decoder, train_data)
+    model = distributed.wrap(objective.module, device)
     if cfg.compile:
         model = torch.compile(model, dynamic=True)  # caption lengths vary: one graph for all shapes
-    amp = amp_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     optimizer = make_optimizer(decoder.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=cfg.lr_patience)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history, start_epoch, best = [], 1, float("-inf")
-    if ckpt:
-        decoder.load_state_dict(ckpt["decoder_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        scheduler.load_state_dict(ckpt["scheduler_state"])
-        generator.set_state(ckpt["generator_state"])
-        torch.set_rng_state(ckpt["torch_rng_state"])
-        history, start_epoch, best = ckpt["history"], ckpt["epoch"] + 1, ckpt["best_score"]
-        console.print(f"Resuming after epoch {ckpt['epoch']} (best dev CIDEr-D {best:.3f}).")
-    else:
-        mean, std = feature_stats(store, train_data.rows, decoder.uses_grid)
-        decoder.norm.set_stats(mean, std)
+    amp = amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    run = Run(cfg, spec, device, models_dir(workdir), store, splits, vocab, train_data, val_data, decoder,
+              objective, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(cfg.seed))
+    if resuming:
+        restore(run, ckpt)
+    announce(run, amp)
+    if cfg.objective == "scst" and not resuming:
+        score_start(run)
+    return run
 
-    console.print(f"Training the {cfg.model.decoder} decoder on {spec.name} features: {len(vocab):,} words, "
-                  f"{len(train_data.lengths):,} train captions, {len(splits['val']):,} dev images, device {device}"
+
+def restore(run, ckpt):
+    run.optimizer.load_state_dict(ckpt["optimizer_state"])
+    run.scheduler.load_state_dict(ckpt["scheduler_state"])
+    run.generator.set_state(ckpt["generator_state"])
+    torch.set_rng_state(ckpt["torch_rng_state"])
+    run.history, run.start_epoch, run.best = ckpt["history"], ckpt["epoch"] + 1, ckpt["best_score"]
+    console.print(f"Resuming after epoch {ckpt['epoch']} (best dev CIDEr-D {run.best:.3f}).")
+
+
+def announce(run, amp):
+    cfg = run.cfg
+    console.print(f"Training the {cfg.model.decoder} decoder ({cfg.objective}) on {run.spec.name} features: "
+                  f"{len(run.vocab):,} words, {len(run.train_data.lengths):,} train captions, "
+                  f"{len(run.splits['val']):,} dev images, device {run.device}"
                   f"{f', mixed precision ({amp})' if amp else ''}.")
     world = distributed.world_size()
     if world > 1:
         console.print(f"{world} processes ({distributed.backend()}): global batch = {cfg.batch_size} per process × "
-                      f"{world} = {cfg.batch_size * world} captions a step; learning rate {cfg.lr:g} as given "
+                      f"{world} = {cfg.batch_size * world} captions a step; learning rate as given "
                       "(not scaled with the number of processes).")
-    saved = start_epoch - 1   # the last epoch in last.pt
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            t0 = time.time()
-            train_loss = train_epoch(decoder, optimizer, store, train_data, cfg, generator, device, epoch, model, scaler)
 
-            def evaluate():  # rank 0 only; the others get its figures, so every rank decides alike below
-                return {"val_loss": validation_loss(decoder, store, val_data, cfg, device),
-                        **dev_scores(decoder, store, splits["val"], vocab, row_of, device, cfg.dev_images)}
-            scores = distributed.from_main(("val_loss", "BLEU-4", "CIDEr-D"), evaluate)
+
+def evaluate_epoch(run):
+    """Validation loss and dev scores, computed by rank 0 and shared, so every rank decides alike."""
+    def compute():
+        return {"val_loss": validation_loss(run.decoder, run.store, run.val_data, run.cfg, run.device),
+                **dev_scores(run.decoder, run.store, run.splits["val"], run.vocab, run.store.row_of(), run.device,
+                             run.cfg.dev_images, run.objective.dev_beam)}
+    return distributed.from_main(("val_loss", "BLEU-4", "CIDEr-D"), compute)
+
+
+def score_start(run):
+    """Epoch 0 of self-critical training: the starting model's dev score with beam search, saved as the
+    first best.pt and last.pt (so a resume right away works, and best.pt is never worse than the start)."""
+    scores = evaluate_epoch(run)
+    run.best = scores["CIDEr-D"]
+    run.history.append({"epoch": 0, run.objective.stat: None, **scores, "lr": run.optimizer.param_groups[0]["lr"],
+                        "seconds": 0.0, "best": True})
+    save_epoch(run, 0, improved=True)
+    console.print(f"start: dev BLEU-4 {scores['BLEU-4']:.3f}, CIDEr-D {scores['CIDEr-D']:.3f} "
+                  f"(beam {run.objective.dev_beam})")
+    run.start_epoch = 1
+
+
+def save_epoch(run, epoch, improved):
+    ckpt = training_checkpoint(run, epoch)
+    if distributed.is_main():  # the one writer of the job
+        if improved:  # best first: a kill between the two saves must not leave best.pt behind last.pt
+            save_checkpoint(run.out_dir / "best.pt", ckpt)
+        save_checkpoint(run.out_dir / "last.pt", ckpt)
+        save_curves(run.history, run.out_dir / "curves.png")
+
+
+def run_epochs(run):
+    cfg, saved = run.cfg, run.start_epoch - 1   # the last epoch in last.pt
+    best_path, last_path = run.out_dir / "best.pt", run.out_dir / "last.pt"
+    try:
+        for epoch in range(run.start_epoch, cfg.epochs + 1):
+            t0 = time.time()
+            stat = train_epoch(run, epoch)
+            scores = evaluate_epoch(run)
             val_loss = scores.pop("val_loss")
-            scheduler.step(scores["CIDEr-D"])
-            improved = scores["CIDEr-D"] > best
-            best = max(best, scores["CIDEr-D"])
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **scores,
-                            "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0, "best": improved})
-            ckpt = {"decoder_state": decoder.state_dict(), "vocab": vocab.words, "model_config": cfg.model.to_dict(),
-                    "encoder": spec.to_dict(), "grid_hw": list(store.grid_hw), "history": history,
-                    "train_config": {k: v for k, v in asdict(cfg).items() if k != "model"},
-                    "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-                    "generator_state": generator.get_state(), "torch_rng_state": torch.get_rng_state(),
-                    "epoch": epoch, "best_score": best, "best_metric": "CIDEr-D"}
-            if distributed.is_main():  # the one writer of the job
-                if improved:  # best first: a kill between the two saves must not leave best.pt behind last.pt
-                    save_checkpoint(best_path, ckpt)
-                save_checkpoint(last_path, ckpt)
+            run.scheduler.step(scores["CIDEr-D"])
+            improved = scores["CIDEr-D"] > run.best
+            run.best = max(run.best, scores["CIDEr-D"])
+            run.history.append({"epoch": epoch, run.objective.stat: stat, "val_loss": val_loss, **scores,
+                                "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
+                                "best": improved})
+            save_epoch(run, epoch, improved)
             saved = epoch
-            console.print(f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+            console.print(f"epoch {epoch}: {run.objective.stat.replace('_', ' ')} {stat:.3f}, val loss {val_loss:.3f}, "
                           f"dev BLEU-4 {scores['BLEU-4']:.3f}, CIDEr-D {scores['CIDEr-D']:.3f}"
                           f"{' (best)' if improved else ''}, {time.time() - t0:.0f}s")
-            if distributed.is_main():
-                save_curves(history, out_dir / "curves.png")
-            since_best = epoch - max(h["epoch"] for h in history if h["best"])
+            since_best = epoch - max(h["epoch"] for h in run.history if h["best"])
             if since_best >= cfg.patience:
                 console.print(f"Stopping early: no better dev CIDEr-D for {cfg.patience} epochs.")
                 break
@@ -294,39 +325,27 @@ def save_curves(history, path):
         console.print(f"[yellow]Could not draw the training curves: {e}[/]")
 
 
-def train_epoch(decoder, optimizer, store, data, cfg, generator, device, epoch, model=None, scaler=None):
-    """One pass over the training captions; returns the mean loss per token. `model` is what runs the
-    steps (the decoder wrapped for DDP or compiled). Under torchrun every rank builds the same global
-    batches of batch_size × world size captions (same generator, same seed) and trains on its own part."""
-    model = model or decoder
-    model.train()
+def train_epoch(run, epoch):
+    """One pass of the objective over the training data; returns its statistic's mean (loss per token,
+    or reward per sample). Under torchrun every rank builds the same global batches (same generator, same
+    seed) and trains on its own part."""
+    run.model.train()
     world = distributed.world_size()
-    batches = make_batches(decoder, data, cfg.batch_size * world, generator)
-    if world > 1:  # each rank needs a part of every step, or the others would wait for its gradients
-        batches = [b for b in batches if len(b) >= world]
-    amp = amp_dtype(device, cfg.amp)
+    batches = run.objective.batches(run.generator, world)
+    amp = amp_dtype(run.device, run.cfg.amp)
     total, count = 0.0, 0.0
     with make_progress(transient=True) as bar:
-        task = add_task(bar, f"Epoch {epoch}/{cfg.epochs}", len(batches), unit="batch")
+        task = add_task(bar, f"Epoch {epoch}/{run.cfg.epochs}", len(batches), unit="batch")
         for idx in batches:
-            part = distributed.batch_part(idx)
-            # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the batch's
-            # tokens (captions, for the attention penalty) × world size gives the whole batch's gradient.
-            tokens = int((data.lengths[idx] - 1).sum())
-            weights = (world * int((data.lengths[part] - 1).sum()) / tokens, world * len(part) / len(idx))
-            feats, index = load_unique(store, data.rows[part], decoder.uses_grid, device)
-            width = int(data.lengths[part].max())
-            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                loss, _ = decoder_loss(model, feats, data.tokens[part, :width].to(device),
-                                       data.lengths[part].to(device), cfg, index, weights)
-            norm = optimizer_step(loss, optimizer, decoder.parameters(), cfg.clip, scaler)
-            value = loss.item()
+            with torch.autocast(run.device.type, dtype=amp) if amp else contextlib.nullcontext():
+                loss, value, n = run.objective.loss(run.model, run.store, idx, run.device)
+            norm = optimizer_step(loss, run.optimizer, run.decoder.parameters(), run.cfg.clip, run.scaler)
             # The gradient norm is the same on every rank: a NaN anywhere stops all ranks at the same step.
             # (With fp16's GradScaler an infinite gradient only skips the step.)
-            if not math.isfinite(value) or (scaler is None and not math.isfinite(norm)):
+            if not math.isfinite(float(loss.detach())) or (run.scaler is None and not math.isfinite(norm)):
                 raise CaptioningError("Training diverged (the loss became NaN); try a lower --lr.")
-            total, count = total + value * tokens / world, count + tokens / world
-            advance_task(bar, task, info=f"loss {total / count:.3f}")
+            total, count = total + value, count + n
+            advance_task(bar, task, info=f"{run.objective.stat.split('_')[1]} {total / max(count, 1e-9):.3f}")
     total, count = distributed.all_sum(total, count)
     return total / max(count, 1)
 

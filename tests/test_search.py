@@ -5,8 +5,8 @@ from captioning.captioner import Captioner
 from captioning.checkpoint import BUILTIN
 from captioning.search import SearchConfig, _banned_trigrams, beam_search, greedy_search, sequence_logprob
 from captioning.store import load_features
-from captioning.train import prepare
-from captioning.vocab import UNK
+from captioning.prepare import prepare
+from captioning.vocab import END, UNK
 
 
 def test_trigram_mask():
@@ -113,3 +113,25 @@ def test_captioning_sees_the_features_training_saw(attention_model, shapes_data)
     live = captioner.encode([load_image(p) for p in paths])
     cached = load_features(store, torch.tensor([0, 7]), True, "cpu").float()
     assert torch.allclose(live, cached, rtol=2e-3, atol=2e-3)
+
+
+def test_diverse_captions_differ_and_the_first_is_plain_beam_search():
+    from captioning.search import MIN_DISTANCE, search, word_distance
+    captioner = Captioner.load(BUILTIN, device="cpu")
+    torch.manual_seed(0)
+    feats = torch.randn(6, 49, captioner.config.feat_dim) * 2 + 1
+    plain = beam_search(captioner.decoder, feats, SearchConfig(beam_size=3))
+    cfg = SearchConfig(beam_size=3, num_captions=3)
+    diverse = search(captioner.decoder, feats, cfg)
+    assert search(captioner.decoder, feats, cfg)[0][1].tokens == diverse[0][1].tokens   # seeded: reproducible
+    distances = []
+    for p, d in zip(plain, diverse):
+        assert len(d) == 3 and d[0].tokens == p[0].tokens and d[0].score == p[0].score
+        assert len({tuple(h.tokens) for h in d}) == 3
+        assert all(END not in h.tokens and UNK not in h.tokens and h.tokens for h in d)
+        distances += [word_distance(set(a.tokens), set(b.tokens)) for i, a in enumerate(d) for b in d[i + 1:]]
+    beams = search(captioner.decoder, feats, SearchConfig(beam_size=3, num_captions=3, diversity="beam"))
+    beam_distances = [word_distance(set(a.tokens), set(b.tokens)) for d in beams for i, a in enumerate(d)
+                      for b in d[i + 1:]]
+    assert sum(distances) / len(distances) > sum(beam_distances) / len(beam_distances)
+    assert sum(d >= MIN_DISTANCE for d in distances) >= len(distances) // 2
