@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summarize
 from .encoders import EncoderSpec, build_encoder, load_image
@@ -14,7 +15,7 @@ from .features import pick_device
 from .models import Ensemble, ModelConfig, build_decoder
 from .search import SearchConfig, search
 from .tuning import fold_batchnorm
-from .utils import CaptioningError, add_task, advance_task, collect_images, console, make_progress
+from .utils import CaptioningError, add_task, advance_task, console, make_progress
 from .vocab import Vocabulary
 
 @dataclass
@@ -95,7 +96,12 @@ class Captioner:
         x = torch.stack([transform(im) for im in images]).to(self.device)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        grid = trunk(x).flatten(2).transpose(1, 2).float()
+        return self.encode_batch(x)
+
+    @torch.inference_mode()
+    def encode_batch(self, x):
+        """A ready float batch [B, 3, H, W] → decoder input."""
+        grid = self.encoder()[0](x).flatten(2).transpose(1, 2).float()
         if grid.shape[-1] != self.config.feat_dim:
             raise CaptioningError(f"This model expects {self.config.feat_dim}-channel features but encoder "
                                   f"'{self.spec.name}' gives {grid.shape[-1]}; the checkpoint is inconsistent.")
@@ -104,18 +110,20 @@ class Captioner:
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
         return search(self.decoder, features, cfg, keep_alphas=keep_alphas)
 
-    def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
-        names = names or [""] * len(images)
-        hyps = self.search(self.encode(images), cfg, keep_alphas)
-        results = []
+    def results(self, names, hyps):
+        out = []
         for name, hs in zip(names, hyps):
             best = hs[0]
             alphas = None
             if best.alphas is not None and self.grid_hw[0]:
                 alphas = best.alphas[:len(best.tokens)].reshape(-1, *self.grid_hw).numpy()
-            results.append(Result(name, [self.vocab.decode(h.tokens) for h in hs], [h.score for h in hs],
-                                  [self.vocab.words[t] for t in best.tokens], alphas))
-        return results
+            out.append(Result(name, [self.vocab.decode(h.tokens) for h in hs], [h.score for h in hs],
+                              [self.vocab.words[t] for t in best.tokens], alphas))
+        return out
+
+    def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
+        names = names or [""] * len(images)
+        return self.results(names, self.search(self.encode(images), cfg, keep_alphas))
 
     def caption(self, image, beam_size=3):
         """One image (a path or a PIL image) → its caption as text."""
@@ -123,41 +131,79 @@ class Captioner:
         return self.caption_pil([pil], SearchConfig(beam_size=beam_size))[0].captions[0]
 
 
-def caption_files(captioner, inputs, cfg: SearchConfig, output=None, attention=False, batch_size=8, paths=None):
-    """Caption files/folders, write one annotated PNG each; returns the Results (with their PNG paths).
+SEARCH_BATCH = 128   # images per beam search: large batches are several times faster per image (bench/)
 
-    One image → `output` is the PNG path (default captioned_image.png); several → `output` is a folder."""
-    from .render import save_attention_map, save_captioned_image
-    paths = paths or collect_images(inputs)
-    single = len(paths) == 1 and not Path(inputs[0]).is_dir()
-    out = Path(output) if output else Path("captioned_image.png" if single else "captioned")
-    if single and out.is_dir():
-        out = out / "captioned_image.png"
-    results, failures = [], []
-    with make_progress(transient=True) as bar:
-        task = add_task(bar, "Captioning", len(paths), unit="img")
-        for i in range(0, len(paths), batch_size):
-            chunk, images = [], []
-            for p in paths[i:i + batch_size]:
-                try:
-                    images.append(load_image(p))
-                    chunk.append(p)
-                except CaptioningError as e:
-                    failures.append(str(e))   # one bad file in a folder must not cost the others
-            for p, im, res in zip(chunk, images, captioner.caption_pil(images, cfg, attention, [str(c) for c in chunk])
-                                  if images else []):
-                png = out if single else out / f"{p.stem}_captioned.png"
-                save_captioned_image(im, res.captions, png)
-                res.png = str(png)
-                if attention and res.alphas is not None:
-                    res.attention_png = str(save_attention_map(im, res.words, res.alphas,
-                                                               png.with_name(png.stem + "_attention.png")))
-                results.append(res)
-            advance_task(bar, task, len(paths[i:i + batch_size]))
+
+def caption_files(captioner, inputs, cfg: SearchConfig, output=None, attention=False, batch_size=None, paths=None,
+                  outputs=None, workdir="."):
+    """Caption files/folders and write what `outputs` (an outputs.OutputConfig; default: one PNG each) asks
+    for; returns the Results of the photos captioned now. `paths`: the photos (outputs.Photo or paths)
+    when the caller listed them already. One image → `output` is the PNG path (default
+    captioned_image.png); several → `output` is a folder."""
+    from .outputs import OutputConfig, Outputs, Photo, find_photos
+    opts = outputs or OutputConfig(output=output, attention=attention)
+    photos = [p if isinstance(p, Photo) else Photo(Path(p), Path(Path(p).name)) for p in paths] if paths \
+        else find_photos(inputs)
+    single = len(photos) == 1 and not Path(inputs[0]).is_dir()
+    sink = Outputs(opts, single)
+    try:
+        results, failures = _caption_stream(captioner, sink.todo(photos), cfg, sink, opts.attention, batch_size,
+                                            workdir)
+    finally:
+        sink.close()
     if failures and single:
         raise CaptioningError(failures[0])
     for f in failures:
-        console.print(f"[yellow]Skipped: {f}[/]")
-    if attention and not captioner.decoder.uses_grid:
+        console.print(f"[yellow]Skipped: {escape(f)}[/]")
+    if opts.attention and not captioner.decoder.uses_grid:
         console.print("[yellow]This model has no attention (lstm decoder); no attention map was drawn.[/]")
     return results
+
+
+def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workdir):
+    """Decode and encode as feature extraction does (its calibrated batch size and memory format, decoding
+    threads where cores are free), search in large batches, hand each result to `sink` without waiting."""
+    from .features import ExtractConfig, Preprocess, image_batches
+    from .tuning import _set_format, choose_settings
+    if not photos:
+        return [], []
+    trunk, transform = captioner.encoder()
+    prep = Preprocess(transform)
+    settings = choose_settings(ExtractConfig(batch_size=batch_size, device=str(captioner.device)),
+                               captioner.device, captioner.spec.name, trunk, prep.crop, workdir, len(photos))
+    _set_format(trunk, settings.channels_last)
+    results, failures, feats, waiting = [], [], [], []
+
+    def search():
+        hyps = captioner.search(torch.cat(feats), cfg, keep_alphas)
+        for photo, res in zip(waiting, captioner.results([str(p.path) for p in waiting], hyps)):
+            sink.submit(photo, res)
+            results.append(res)
+        feats.clear()
+        waiting.clear()
+
+    with make_progress(transient=True) as bar:
+        task = add_task(bar, "Captioning", len(photos), unit="img")
+        for rows, images, ok in image_batches([str(p.path) for p in photos], 0, prep, settings, captioner.device):
+            for r in (r for r, good in zip(rows, ok) if not good):
+                failures.append(_why_unreadable(photos[r].path))   # one bad file must not cost the others
+            keep = [i for i, good in enumerate(ok) if good]
+            if keep:
+                x = prep.batch(images[keep] if len(keep) < len(ok) else images, captioner.device,
+                               settings.channels_last)
+                feats.append(captioner.encode_batch(x))
+                waiting += [photos[rows[i]] for i in keep]
+            if len(waiting) >= SEARCH_BATCH:
+                search()
+            advance_task(bar, task, len(rows))
+        if waiting:
+            search()
+    return results, failures
+
+
+def _why_unreadable(path):
+    try:
+        load_image(path)
+    except CaptioningError as e:
+        return str(e)
+    return f"Could not read image {path}"

@@ -11,7 +11,7 @@ import warnings
 
 from rich.markup import escape
 
-from .utils import CaptioningError, clean_user_path, collect_images, console, failure_message
+from .utils import CaptioningError, clean_user_path, console, failure_message
 
 
 def positive_int(text):
@@ -90,6 +90,22 @@ def decoder_names():
     return ["lstm", "attention", "updown"]
 
 
+def library_options(p):
+    """Folder runs (a photo library): the outputs beside or inside the photos, and resuming."""
+    g = p.add_argument_group("photo libraries")
+    g.add_argument("--recursive", action="store_true", help="every image under the folders (output names keep "
+                   "the relative path)")
+    g.add_argument("--no-png", dest="png", action="store_false", help="no captioned PNGs")
+    g.add_argument("--csv", metavar="FILE", help="append image,caption,score rows as the run goes")
+    g.add_argument("--jsonl", metavar="FILE", help="append one JSON object per image as the run goes")
+    g.add_argument("--txt", action="store_true", help="a photo.txt caption sidecar beside each photo")
+    g.add_argument("--xmp", action="store_true", help="a photo.xmp sidecar (dc:description, IPTC alt text)")
+    g.add_argument("--write-metadata", action="store_true", help="the caption into each photo's own metadata "
+                   "(JPEG/PNG/WebP/TIFF, pixels untouched; needs exiftool)")
+    g.add_argument("--skip-existing", action="store_true", help="skip photos already in --csv/--jsonl (a rerun "
+                   "does this anyway), or whose sidecars and PNG exist")
+
+
 def build_parser():
     common = common_options(defaults=False)
     parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common_options()],
@@ -152,6 +168,7 @@ def build_parser():
     p.add_argument("--output", help="PNG path for one image (default captioned_image.png); a folder for several")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
     p.add_argument("--attention", action="store_true", help="also draw where the model looked, word by word")
+    library_options(p)
 
     p = sub.add_parser("evaluate", parents=[common], help="score a model on a dataset split")
     p.add_argument("--data", required=True, help="dataset folder")
@@ -225,18 +242,29 @@ def cmd_train(args):
             console.print(f"Best model: {best}")
 
 
+def _output_config(args):
+    from .outputs import OutputConfig
+    return OutputConfig(png=args.png, output=args.output, csv=args.csv and str(clean_user_path(args.csv)),
+                        jsonl=args.jsonl and str(clean_user_path(args.jsonl)), txt=args.txt, xmp=args.xmp,
+                        metadata=args.write_metadata, skip_existing=args.skip_existing, attention=args.attention)
+
+
 def cmd_caption(args):
-    # Check the cheap things (images, model file) before the seconds-long torch import.
+    # Check the cheap things (images, model file, exiftool) before the seconds-long torch import.
     from .checkpoint import find_model
+    from .metadata import INSTALL, exiftool_path
+    from .outputs import find_photos
     inputs = [clean_user_path(i) for i in args.images]
-    paths = collect_images(inputs)
+    photos = find_photos(inputs, args.recursive)
+    if args.write_metadata and exiftool_path() is None:
+        raise CaptioningError(f"--write-metadata {INSTALL}.")
     find_model(args.workdir, args.model)
     from .captioner import Captioner, caption_files
     from .search import SearchConfig
     captioner = Captioner.load(args.model, args.workdir, args.device, args.ensemble)
     cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions,
                        length_alpha=args.length_alpha, diversity=args.diversity, seed=args.seed)
-    results = caption_files(captioner, inputs, cfg, args.output, args.attention, paths=paths)
+    results = caption_files(captioner, inputs, cfg, paths=photos, outputs=_output_config(args), workdir=args.workdir)
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
         return
@@ -245,7 +273,8 @@ def cmd_caption(args):
         print(r.image)
         for i, c in enumerate(r.captions, 1):
             print(f"  {i}. {c}" if len(r.captions) > 1 else f"  {c}")
-        print(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else ""))
+        if r.png:
+            print(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else ""))
 
 
 def cmd_evaluate(args):

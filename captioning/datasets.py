@@ -8,6 +8,10 @@ The layout is detected from the files present, so a user never has to say which 
     karpathy    dataset_*.json ({"images": [{filename, filepath?, split, sentences}]}), restval counts as train
     coco        captions_*.json (official COCO captions) + images in Images/, train2014/ ... or beside it
 
+and the layouts people's own photos come in (their readers: layouts.py): imagefolder (Hugging Face
+metadata.csv/jsonl, train/ validation/ test/ folders as splits), flickr30k (results.csv), flickr8k-text
+(Flickr8k.token.txt) and sidecars (photos with same-name .txt captions, looked for last, in subfolders too).
+
 No torch here: the CLI imports this module for --help and the menu, which must start instantly.
 """
 import csv
@@ -19,13 +23,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioning import layouts
 from captioning.utils import CaptioningError
 from captioning.vocab import tokenize
 
 SPLITS = ("train", "val", "test")
 # Layout → its annotation file pattern. The order decides when a folder holds several.
 LAYOUTS = {"mini-coco": "captions.json", "flickr8k": "captions.txt", "karpathy": "dataset_*.json",
-           "coco": "captions_*.json"}
+           "coco": "captions_*.json", "imagefolder": "metadata.csv|metadata.jsonl", "flickr30k": "results.csv",
+           "flickr8k-text": "Flickr8k.token.txt"}
+SIDECARS = "sidecars"   # no annotation file: photos with a same-name .txt (layouts.py)
+READERS = {"imagefolder": layouts.read_imagefolder, "flickr30k": layouts.read_flickr30k,
+           "flickr8k-text": layouts.read_flickr8k_token, SIDECARS: layouts.read_sidecar}
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                       "test": "Flickr_8k.testImages.txt"}
@@ -45,6 +54,7 @@ class Dataset:
     records: list[Record]  # sorted by image path
     missing: int = 0       # images listed in the annotations but not on disk (skipped)
     unsplit: int = 0       # images left out because official split files exist and do not list them
+    skipped: int = 0       # broken annotation rows skipped (Flickr30k), or photos without a .txt (sidecars)
 
     def split(self, name):
         name = {"dev": "val"}.get(name, name)
@@ -139,11 +149,14 @@ def _parse_karpathy(path, data):
     return out
 
 
-def _parse(layout, path):
+def _parse(layout, path, folder):
+    """(entries, rows skipped) of one annotation file (or, for sidecars, one photo)."""
+    if layout in READERS:
+        return READERS[layout](path, folder)
     if layout == "flickr8k":
-        return [((name,), caps, None) for name, caps in _read_flickr_csv(path).items()]
+        return [((name,), caps, None) for name, caps in _read_flickr_csv(path).items()], 0
     data = _read_json(path)
-    return _parse_karpathy(path, data) if layout == "karpathy" else _parse_coco(path, data)
+    return (_parse_karpathy(path, data) if layout == "karpathy" else _parse_coco(path, data)), 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,7 +164,8 @@ def _parse(layout, path):
 
 def _layout_of(name):
     """The layout an annotation file name belongs to, or None."""
-    return next((layout for layout, pattern in LAYOUTS.items() if fnmatch.fnmatchcase(name, pattern)), None)
+    return next((layout for layout, patterns in LAYOUTS.items()
+                 if any(fnmatch.fnmatchcase(name, p) for p in patterns.split("|"))), None)
 
 
 def _detect(folder):
@@ -162,6 +176,10 @@ def _detect(folder):
         return None
     if os.path.isdir(folder / "annotations"):  # official COCO keeps captions_*.json in annotations/
         names += sorted(f"annotations/{n}" for n in os.listdir(folder / "annotations") if _layout_of(n) == "coco")
+    if not any(n in layouts.METADATA_FILES for n in names):  # imagefolder: train/ validation/ test/ are splits
+        for d in list(names):
+            if d.lower() in layouts.IMAGEFOLDER_SPLITS and os.path.isdir(folder / d):
+                names += sorted(f"{d}/{n}" for n in os.listdir(folder / d) if n in layouts.METADATA_FILES)
     for layout in LAYOUTS:
         files = [folder / n for n in names if _layout_of(Path(n).name) == layout]
         if files:
@@ -181,8 +199,13 @@ def _find(root):
     if len(hits) > 1:
         raise CaptioningError(f"{root} holds several datasets ({', '.join(d.name for d, _ in hits)}): "
                               f"point at one of them.")
-    known = ", ".join(f"{k} ({v})" for k, v in LAYOUTS.items())
-    raise CaptioningError(f"No captioning dataset found in {root}. Known layouts: {known}, with the images.")
+    # Last: a photo library captioned with `caption --txt` (and perhaps corrected by hand).
+    photos, _ = layouts.find_sidecar_photos(root)
+    if photos:
+        return root, (SIDECARS, photos)
+    known = ", ".join(f"{k} ({v.replace('|', ' or ')})" for k, v in LAYOUTS.items())
+    raise CaptioningError(f"No captioning dataset found in {root}. Known layouts: {known}, with the images; "
+                          f"or {SIDECARS} (photos with same-name .txt captions).")
 
 
 class _ImageIndex:
@@ -264,10 +287,19 @@ def _load_dataset(root):
     else:
         folder, (layout, files) = _find(given)
 
-    entries = [e for path in files for e in _parse(layout, path)]
-    # Where images may be: Images/ (Kaggle), train2014/ for captions_train2014.json (official COCO), the folder.
-    bases = [folder / "Images", folder / "images"]
+    entries, skipped = [], 0
+    for path in files:
+        found, bad = _parse(layout, path, folder)
+        entries += found
+        skipped += bad
+    if layout == SIDECARS:   # photos that have no caption yet are left out, and counted
+        skipped += len(layouts.find_sidecar_photos(folder)[1])
+    # Where images may be: Images/ (Kaggle), train2014/ for captions_train2014.json (official COCO), the folder;
+    # Kaggle's Flickr30k nests flickr30k_images/, Flickr8k's original zips sit Flickr8k_text/ beside the photos.
+    bases = [folder / "Images", folder / "images", folder / "flickr30k_images"]
     bases += [folder / p.stem.removeprefix("captions_") for p in files if layout == "coco"] + [folder]
+    if layout == "flickr8k-text":
+        bases += [d / n for d in (folder, folder.parent) for n in ("Flicker8k_Dataset", "Flickr8k_Dataset")]
 
     # Group by image (a name may appear in several files), strip captions and drop empty ones.
     grouped = {}
@@ -293,7 +325,9 @@ def _load_dataset(root):
 
     # Splits: the dataset's own (Karpathy), else official split files (Flickr8k), else a hash of the file name.
     unsplit = 0
-    official = _read_split_files([folder, folder / "splits", given, given / "splits"]) if layout == "flickr8k" else None
+    official = None
+    if layout in ("flickr8k", "flickr8k-text"):
+        official = _read_split_files([folder, folder / "splits", given, given / "splits"])
     if official is not None:
         kept = [(p, c, official[p.name]) for p, c, _ in found if p.name in official]
         unsplit, found = len(found) - len(kept), kept
@@ -304,4 +338,4 @@ def _load_dataset(root):
     records = sorted((Record(p, c, s) for p, c, s in found), key=lambda r: str(r.image))
     if not records:
         raise CaptioningError(f"No images of {folder} are listed in its split files.")
-    return Dataset(root=folder, layout=layout, records=records, missing=missing, unsplit=unsplit)
+    return Dataset(root=folder, layout=layout, records=records, missing=missing, unsplit=unsplit, skipped=skipped)

@@ -180,7 +180,28 @@ def do_caption(state):
     if summary and summary.get("attention", summary.get("decoder") == "attention"):   # older summaries lack it
         if ask_choice("Also draw the attention maps", ["y", "n"], "n") == "y":
             attention = ["--attention"]
-    run_command(state, ["caption", "--beam-size", beam, *attention, "--", path])
+    run_command(state, ["caption", "--beam-size", beam, *attention, *folder_outputs(path), "--", path])
+
+
+FOLDER_OUTPUTS = {"png": [], "csv": ["--csv=captions.csv"], "jsonl": ["--jsonl=captions.jsonl"], "txt": ["--txt"],
+                  "xmp": ["--xmp"], "metadata": ["--write-metadata"]}
+
+
+def folder_outputs(path):
+    """For a folder: which outputs (as the command's flags), and whether to go into subfolders."""
+    if not path.is_dir():
+        return []
+    while True:
+        answer = ask(f"Outputs, comma-separated ({', '.join(FOLDER_OUTPUTS)}; csv/jsonl go to the current folder)",
+                     "png")
+        chosen = [w.strip().lower() for w in answer.split(",") if w.strip()]
+        if chosen and all(w in FOLDER_OUTPUTS for w in chosen):
+            break
+        out.print(f"[red]Please name some of: {', '.join(FOLDER_OUTPUTS)}.[/]")
+    flags = [f for w in chosen for f in FOLDER_OUTPUTS[w]] + ([] if "png" in chosen else ["--no-png"])
+    if ask_choice("Include subfolders", ["y", "n"], "n") == "y":
+        flags.append("--recursive")
+    return flags
 
 
 def do_evaluate(state):

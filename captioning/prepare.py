@@ -26,6 +26,9 @@ def prepare(data_dir, workdir, spec, extract_cfg):
     dataset = load_dataset(data_dir)
     if dataset.missing:
         console.print(f"[yellow]{dataset.missing:,} image(s) listed in the dataset are missing and were skipped.[/]")
+    if dataset.skipped:
+        what = "photo(s) without a .txt caption" if dataset.layout == "sidecars" else "broken annotation row(s)"
+        console.print(f"[yellow]{dataset.skipped:,} {what} skipped.[/]")
     paths = sorted({str(r.image) for r in dataset.records})
     store = extract_features(paths, spec, workdir, extract_cfg)
     records = [r for r in dataset.records if str(r.image) not in store.bad]

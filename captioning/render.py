@@ -1,4 +1,4 @@
-"""Pictures for people: a photo with its caption, attention maps per word, training curves.
+"""Pictures for people: a photo with its caption (Pillow), attention maps per word, training curves.
 
 matplotlib is imported inside the functions (it costs ~0.3 s) and only through its object API
 (Figure + FigureCanvasAgg): no pyplot, so no global backend state and no figure registry that
@@ -7,12 +7,11 @@ leaks memory when hundreds of images are captioned. Every PNG is written atomica
 import functools
 import math
 import textwrap
-import unicodedata
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from captioning.utils import atomic_write
 
@@ -79,63 +78,71 @@ def _show(ax, image):
     ax.set_axis_off()
 
 
-def _columns(text):
-    """Width of text in 'average character' units: East Asian wide characters count double."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+@functools.lru_cache(maxsize=4)
+def _font(px):
+    """matplotlib's DejaVu Sans (matplotlib is a requirement), found without importing matplotlib."""
+    import importlib.util
+    spec = importlib.util.find_spec("matplotlib")
+    path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf" if spec else None
+    try:
+        return ImageFont.truetype(str(path), px)
+    except (OSError, TypeError):
+        return ImageFont.load_default(px)
 
 
-def _wrap(caption, prefix, width):
-    # textwrap counts characters; shrink its width for wide (CJK) text so lines fit on screen.
-    ratio = max(_columns(caption), 1) / max(len(caption), 1)
+def _wrap_px(text, font, width, prefix=""):
+    """Greedy word wrap by measured width (proportional fonts: "WWW" is wider than "iii"); a word wider than a
+    line is cut by characters. Later lines are indented under the first line's prefix ("1. ")."""
     indent = " " * (len(prefix) + 1) if prefix else ""
-    return textwrap.wrap(caption, max(8, int(width / ratio)), initial_indent=prefix,
-                         subsequent_indent=indent) or [prefix]
+    lines, line = [], prefix
+    for word in text.split():
+        trial = f"{line} {word}" if line.strip() else line + word
+        if font.getlength(trial) <= width:
+            line = trial
+            continue
+        if line.strip():
+            lines.append(line)
+            line = indent + word
+        while font.getlength(line) > width and len(line) > len(indent) + 1:
+            cut = len(line) - 1
+            while cut > len(indent) + 1 and font.getlength(line[:cut]) > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = indent + line[cut:]
+    return lines + [line] if line.strip() or not lines else lines
 
 
-@_quiet
 def save_captioned_image(image, caption, path):
-    """The photo with its caption (or numbered captions) below in large wrapped text; returns the path."""
+    """The photo with its caption (or numbered captions) below in large wrapped text; returns the path.
+
+    Drawn with Pillow: as the matplotlib figure it replaces (800 px wide, DejaVu Sans at 18 pt, the photo
+    fitted above), several times faster, so a folder run is not limited by its pictures."""
     image = _to_rgb(image)
     captions = [caption] if isinstance(caption, str) else list(caption)
     captions = [" ".join(str(c).split()) for c in captions]  # newlines/tabs would break the layout
     if not any(captions):
         captions = ["(no caption)"]
-
-    fig_w, margin, max_photo_h = 8.0, 0.25, 8.0
-    photo_w, photo_h = _fit(image, fig_w - 2 * margin, max_photo_h)
-    fig = _new_figure(fig_w, 4.0)
-    align = "left" if len(captions) > 1 else "center"
-    text = fig.text(0, 0, "", fontsize=CAPTION_FONT, ha=align, va="top", linespacing=1.35,
-                    parse_math=False, transform=fig.dpi_scale_trans, wrap=False)
-    # Guess how many characters fit, then measure and tighten until the widest line really fits:
-    # proportional fonts make a character count only an estimate ("WWW" is wider than "iii").
-    avail_px = (fig_w - 2 * margin) * DPI
-    guess = int((fig_w - 2 * margin) * 72 / (CAPTION_FONT * 0.55))
-    renderer = fig.canvas.get_renderer()
+    width, margin, gap, max_photo_h = int(8 * DPI), int(0.25 * DPI), int(0.2 * DPI), int(8 * DPI)
+    font = _font(round(CAPTION_FONT * DPI / 72))
+    several = len(captions) > 1
     lines = []
     for i, cap in enumerate(captions, 1):
-        prefix, width = (f"{i}. " if len(captions) > 1 else ""), guess
-        for _ in range(8):
-            wrapped = _wrap(cap, prefix, width)
-            text.set_text("\n".join(wrapped))
-            box = text.get_window_extent(renderer=renderer)
-            if box.width <= avail_px or width <= 8:
-                break
-            width = max(8, int(width * avail_px / box.width) - 1)
-        lines += wrapped
-    text.set_text("\n".join(lines))
-    box = text.get_window_extent(renderer=renderer)
-    text_h = box.height / DPI
-
-    gap = 0.2
-    fig_h = margin + photo_h + gap + text_h + margin
-    fig.set_size_inches(fig_w, fig_h)
-    ax = fig.add_axes([(fig_w - photo_w) / 2 / fig_w, (fig_h - margin - photo_h) / fig_h,
-                       photo_w / fig_w, photo_h / fig_h])
-    _show(ax, image)
-    text.set_x(margin if align == "left" else fig_w / 2)
-    text.set_y(margin + text_h)
-    return _save(fig, path)
+        lines += _wrap_px(cap, font, width - 2 * margin, f"{i}. " if several else "")
+    line_h = round(font.size * 1.35)
+    pw, ph = _fit(image, width - 2 * margin, max_photo_h)
+    pw, ph = max(1, round(pw)), max(1, round(ph))
+    # Tiny images are blown up a lot: nearest keeps the pixels crisp instead of a blur.
+    photo = image.resize((pw, ph), Image.NEAREST if max(image.size) < TINY else Image.BICUBIC)
+    canvas = Image.new("RGB", (width, margin + ph + gap + line_h * len(lines) + margin), "white")
+    canvas.paste(photo, ((width - pw) // 2, margin))
+    draw = ImageDraw.Draw(canvas)
+    y = margin + ph + gap
+    for line in lines:
+        x = margin if several else (width - font.getlength(line)) / 2
+        draw.text((x, y), line, fill="black", font=font)
+        y += line_h
+    # compress_level 1: a third of the default's time for a file about 1.3x larger.
+    return atomic_write(path, lambda f: canvas.save(f, format="PNG", compress_level=1))
 
 
 def _as_maps(alphas, n_words):

@@ -266,3 +266,115 @@ def test_real_flickr8k_official_splits():
     assert d.layout == "flickr8k" and d.missing == 0
     assert [len(d.split(s)) for s in ("train", "val", "test")] == [6000, 1000, 1000]
     assert all(len(r.captions) == 5 for r in d.records)
+
+
+# ---- the layouts people's own data come in -------------------------------------------------------------
+
+def test_imagefolder_csv_with_several_caption_columns(tmp_path):
+    for n in ("a.jpg", "b.jpg", "c.jpg"):
+        jpeg(tmp_path / "images" / n)
+    (tmp_path / "metadata.csv").write_text('file_name,caption_0,caption_1\nimages/a.jpg,"a red, square",'
+                                           'red square\nimages/b.jpg,blue thing,\nimages/c.jpg,green,leaf\n')
+    d = load_dataset(tmp_path)
+    assert d.layout == "imagefolder" and len(d.records) == 3
+    assert by_name(d)["a.jpg"].captions == ["a red, square", "red square"]
+    assert by_name(d)["b.jpg"].captions == ["blue thing"]   # an empty column is dropped, not trained on
+
+
+def test_imagefolder_split_folders_are_the_splits(tmp_path):
+    for split, names in (("train", ["a.jpg", "b.jpg"]), ("validation", ["a.jpg"]), ("test", ["d.jpg"])):
+        lines = [json.dumps({"file_name": n, "text": f"{split} photo {n}", "other": 1}) for n in names]
+        for n in names:
+            jpeg(tmp_path / split / n)
+        (tmp_path / split / "metadata.jsonl").write_text("\n".join(lines) + "\n\n")
+    d = load_dataset(tmp_path)   # once refused as "several datasets"
+    assert d.layout == "imagefolder" and d.missing == 0
+    got = sorted((r.image.parent.name, r.image.name, r.split, r.captions[0]) for r in d.records)
+    assert got == [("test", "d.jpg", "test", "test photo d.jpg"), ("train", "a.jpg", "train", "train photo a.jpg"),
+                   ("train", "b.jpg", "train", "train photo b.jpg"),
+                   ("validation", "a.jpg", "val", "validation photo a.jpg")]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("metadata.csv", "file_name,text\na.jpg,one,two\n", "line 2: expected 2 fields"),
+    ("metadata.csv", "image,text\na.jpg,one\n", "expected a 'file_name' column"),
+    ("metadata.csv", "file_name,label\na.jpg,one\n", "caption column"),
+    ("metadata.csv", 'file_name,text\na.jpg,"never closed\n', "malformed CSV"),
+    ("metadata.jsonl", '{"file_name": "a.jpg", "text": "ok"}\n{"file_name": "a.jpg", \n', "line 2: not valid JSON"),
+    ("metadata.jsonl", '{"file_name": "a.jpg", "text": "ok"}\n["a.jpg"]\n', "line 2: expected a JSON object"),
+    ("metadata.jsonl", '{"file_name": "", "text": "ok"}\n', "line 1: 'file_name' is empty"),
+])
+def test_imagefolder_malformed_is_one_line(tmp_path, name, text, message):
+    jpeg(tmp_path / "a.jpg")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(CaptioningError, match=message) as e:
+        load_dataset(tmp_path)
+    assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_flickr30k_results_csv_skips_and_counts_broken_rows(tmp_path):
+    root = tmp_path / "flickr30k_images"
+    for n in ("1000.jpg", "2000.jpg"):
+        jpeg(root / "flickr30k_images" / n)
+    (root / "results.csv").write_text(
+        "image_name| comment_number| comment\n"
+        "1000.jpg| 0| Two young guys with shaggy hair look at their hands .\n"
+        "1000.jpg| 1| A man | a sign .\n"
+        "2000.jpg| 4 A dog runs across the grass .\n"     # the real file's broken row: a delimiter missing
+        "2000.jpg| 0| A dog runs .\n"
+        "garbage\n\n", encoding="utf-8")
+    d = load_dataset(tmp_path)   # the Kaggle download nests one level
+    assert d.layout == "flickr30k" and d.skipped == 2 and len(d.records) == 2
+    assert by_name(d)["1000.jpg"].captions == ["Two young guys with shaggy hair look at their hands .",
+                                               "A man | a sign ."]
+    assert by_name(d)["2000.jpg"].captions == ["A dog runs ."]
+
+
+def test_flickr30k_wrong_header(tmp_path):
+    (tmp_path / "results.csv").write_text("image,caption\na.jpg,a dog\n")
+    with pytest.raises(CaptioningError, match="results.csv line 1: expected the header"):
+        load_dataset(tmp_path)
+
+
+def test_flickr8k_token_file_with_original_folders_and_splits(tmp_path):
+    text = tmp_path / "Flickr8k_text"
+    text.mkdir()
+    names = ["1.jpg", "2.jpg", "3.jpg"]
+    for n in names:
+        jpeg(tmp_path / "Flicker8k_Dataset" / n)
+    (text / "Flickr8k.token.txt").write_text("".join(f"{n}#{k}\t{n} caption {k} .\n" for n in names for k in
+                                                     range(2)) + "gone.jpg#0\ta missing photo\n")
+    for split, listed in (("train", ["1.jpg"]), ("dev", ["2.jpg"]), ("test", ["3.jpg"])):
+        (text / f"Flickr_8k.{split}Images.txt").write_text("\n".join(listed) + "\n")
+    d = load_dataset(tmp_path)
+    assert d.layout == "flickr8k-text" and d.missing == 1
+    assert {r.image.name: r.split for r in d.records} == {"1.jpg": "train", "2.jpg": "val", "3.jpg": "test"}
+    assert by_name(d)["2.jpg"].captions == ["2.jpg caption 0 .", "2.jpg caption 1 ."]
+
+
+def test_flickr8k_token_file_malformed_line(tmp_path):
+    jpeg(tmp_path / "a.jpg")
+    (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\ta dog .\na.jpg a cat without a tab\n")
+    with pytest.raises(CaptioningError, match="Flickr8k.token.txt line 2: expected 'name.jpg#0<TAB>caption'"):
+        load_dataset(tmp_path)
+
+
+def test_sidecar_captions_in_subfolders(tmp_path):
+    for rel, caption in (("a/IMG_0001.jpg", "a dog on grass\n"), ("b/IMG_0001.jpg", "two cats\nthe cats\n"),
+                         ("c.png", "a red square")):
+        jpeg(tmp_path / rel)
+        (tmp_path / rel).with_suffix(".txt").write_text(caption)
+    jpeg(tmp_path / "uncaptioned.jpg")
+    (tmp_path / "notes.txt").write_text("not a caption: no photo has this name")
+    d = load_dataset(tmp_path)
+    assert d.layout == "sidecars" and d.skipped == 1 and d.root == tmp_path
+    got = {str(r.image.relative_to(tmp_path)): r.captions for r in d.records}
+    assert got == {"a/IMG_0001.jpg": ["a dog on grass"], "b/IMG_0001.jpg": ["two cats", "the cats"],
+                   "c.png": ["a red square"]}
+    assert {r.split for r in d.records} <= {"train", "val", "test"}
+
+
+def test_annotation_file_wins_over_sidecars(tmp_path):
+    make_flickr(tmp_path, ["x.jpg", "y.jpg"])
+    (tmp_path / "Images" / "x.txt").write_text("a sidecar")
+    assert load_dataset(tmp_path).layout == "flickr8k"

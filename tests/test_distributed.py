@@ -130,6 +130,26 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(setup, sing
         assert torch.allclose(b["decoder_state"][k], v, rtol=0, atol=2e-5), k
 
 
+def test_two_ranks_run_self_critical_training(setup, single, tmp_path):
+    """SCST under torchrun: each rank samples for its part of every global batch of images; rank 0 alone
+    scores (beam search), speaks and writes; the cross-entropy model it started from is kept."""
+    import shutil
+    data, weights = setup
+    workdir = copy_cache(single, tmp_path / "w")
+    (workdir / "models").mkdir()
+    for name in ("best.pt", "best.json"):
+        shutil.copy(single / "models" / name, workdir / "models" / name)
+    r = torchrun(2, "train", "--data", data, "--workdir", workdir, *ENCODER, "--encoder-weights", weights,
+                 "--objective", "scst", "--epochs", 1, "--batch-size", 8, "--scst-samples", 4, "--dist-timeout", 60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("epoch 1: train reward") == 1 and r.stderr.count("start: dev") == 1, r.stderr
+    files = sorted(p.name for p in (workdir / "models").iterdir())
+    assert files == ["best.json", "best.pt", "curves.png", "last.json", "last.pt", "xe_best.json", "xe_best.pt"]
+    last = torch.load(workdir / "models" / "last.pt", weights_only=True)
+    assert [h["epoch"] for h in last["history"]] == [0, 1] and last["history"][1]["train_reward"] > 0
+    assert last["train_config"]["objective"] == "scst"
+
+
 def rank_pid(parent, rank):
     """The pid of torchrun's worker process with RANK=`rank` (its child; read from /proc)."""
     for entry in Path("/proc").iterdir():

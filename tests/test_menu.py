@@ -188,3 +188,12 @@ def test_download_offline_is_one_sentence_and_the_menu_continues(tmp_path, monke
     assert "Traceback" not in out and "HTTPSConnectionPool" not in out
     assert screens(out) == 2 and out.rstrip().endswith("Bye.")
     assert "none chosen" in out.split("Choose:")[1]  # the failed download was not remembered as the dataset
+
+
+def test_caption_offers_folder_outputs(monkeypatch, tmp_path):
+    answers = iter(["csv, txt, bogus", "csv,txt,metadata", "y"])
+    monkeypatch.setattr(menu, "ask", lambda prompt, default=None: next(answers))
+    monkeypatch.setattr(menu, "ask_choice", lambda prompt, choices, default: next(answers))
+    assert menu.folder_outputs(tmp_path / "photo.jpg") == []          # one photo: nothing to ask
+    assert menu.folder_outputs(tmp_path) == ["--csv=captions.csv", "--txt", "--write-metadata", "--no-png",
+                                             "--recursive"]

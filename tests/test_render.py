@@ -107,11 +107,9 @@ def test_attention_map_bad_alphas_leave_old_file(tmp_path):
 
 
 def test_failure_while_rendering_leaves_old_file(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
     def broken(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(Figure, "savefig", broken)
+    monkeypatch.setattr(Image.Image, "save", broken)
     path = tmp_path / "c.png"
     path.write_bytes(b"old")
     with pytest.raises(OSError):

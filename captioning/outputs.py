@@ -1,0 +1,266 @@
+"""Where a folder run's captions go: PNGs, CSV/JSONL written as the run goes, .txt/.xmp sidecars, metadata.
+
+The run hands each finished photo to `Outputs.submit`, which returns at once: PNGs are drawn in a worker
+process, files are written by a writer thread, so encoding the next batch never waits for them. For each
+photo the sidecars, metadata and PNG come first and its CSV/JSONL rows last, flushed: a row in the file
+means that photo is done. That is what resuming reads: running the same command again (or with
+--skip-existing) skips every photo already in the file, so a run killed at 6,000 of 10,000 photos redoes none.
+No torch here: cli.py lists the photos and checks the files before the seconds-long torch import.
+"""
+import csv
+import io
+import json
+import os
+import queue
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from rich.markup import escape
+
+from captioning.layouts import sidecar_of
+from captioning.metadata import TAGS, ExifTool, exiftool_path, write_xmp_sidecar
+from captioning.utils import IMAGE_SUFFIXES, CaptioningError, atomic_write_text, console, failure_message
+
+CSV_HEADER = ["image", "caption", "score"]
+
+
+@dataclass
+class Photo:
+    path: Path   # as the user named it, joined with its place under that folder
+    rel: Path    # its place under the folder it was found in (or its own name): PNG names mirror it
+
+
+@dataclass
+class OutputConfig:
+    png: bool = True              # False: --no-png
+    output: str | None = None     # the PNG (one photo) or the PNG folder (default captioned/)
+    csv: str | None = None
+    jsonl: str | None = None
+    txt: bool = False
+    xmp: bool = False
+    metadata: bool = False        # --write-metadata
+    skip_existing: bool = False
+    attention: bool = False
+
+
+def warn(message):
+    console.print(f"[yellow]Skipped: {escape(message)}[/]")
+
+
+def _walk(folder, recursive):
+    """Image files in `folder` (and its subfolders, sorted), an unreadable subfolder as one line."""
+    found = []
+    for here, dirs, files in os.walk(folder, onerror=lambda e: warn(f"cannot read folder {e.filename}")):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        found += [Path(here) / f for f in sorted(files)
+                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith(".")]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def find_photos(inputs, recursive=False):
+    """Files and folders → Photos in a stable order. A missing path or an empty folder is one clear error."""
+    photos, seen = [], set()
+    for raw in inputs:
+        p = Path(raw)
+        try:
+            if p.is_dir():
+                if not os.access(p, os.R_OK | os.X_OK):
+                    raise PermissionError
+                found = [Photo(q, q.relative_to(p)) for q in _walk(p, recursive)]
+                if not found:
+                    where = " or its subfolders" if recursive else ""
+                    raise CaptioningError(f"No images (jpg, png, gif, webp, bmp, tiff) in folder{where}: {p}")
+            elif p.exists():
+                found = [Photo(p, Path(p.name))]
+            else:
+                raise CaptioningError(f"Image not found: {p}")
+        except PermissionError:
+            raise CaptioningError(f"No permission to read: {p}") from None
+        for photo in found:
+            if key(photo.path) not in seen:
+                seen.add(key(photo.path))
+                photos.append(photo)
+    return photos
+
+
+def key(path):
+    """The same photo whichever way its path was written (resuming from another folder, ./a.jpg and a.jpg)."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+class RowFile:
+    """A CSV (`image,caption,score`, a row per caption) or JSONL file (an object per photo, the fields of
+    --json) appended as the run goes. Opening it reads which photos it already holds; a last line cut off
+    by a kill is dropped, so that photo is simply done again."""
+
+    def __init__(self, path, kind):
+        self.path, self.kind = Path(path), kind
+        self.done = set()
+        if self.path.exists():
+            self._read_existing()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a", encoding="utf-8", newline="")
+        if kind == "csv" and self.f.tell() == 0:
+            self._append(_csv_line(CSV_HEADER))
+
+    def _read_existing(self):
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            cut = data.rfind(b"\n") + 1
+            if cut < len(data):
+                f.truncate(cut)
+        text = data[:cut].decode("utf-8", "replace")
+        if self.kind == "csv":
+            rows = list(csv.reader(io.StringIO(text)))
+            if rows and rows[0] != CSV_HEADER:
+                raise CaptioningError(f"{self.path} exists and is not a caption CSV (its header is not "
+                                      f"'image,caption,score'); choose another --csv file.")
+            self.done = {key(r[0]) for r in rows[1:] if r}
+            return
+        for line in text.splitlines():
+            try:
+                self.done.add(key(json.loads(line)["image"]))
+            except (ValueError, KeyError, TypeError):
+                continue   # not one of ours: that photo is done again, the line itself is kept
+
+    def _append(self, text):
+        self.f.write(text)
+        self.f.flush()   # a kill from now on keeps this photo
+
+    def write(self, result):
+        if key(result.image) in self.done:
+            return
+        if self.kind == "csv":
+            text = "".join(_csv_line([result.image, c, f"{s:.4f}"]) for c, s in zip(result.captions, result.scores))
+        else:
+            text = json.dumps(result.to_json(), ensure_ascii=False) + "\n"
+        self._append(text)
+        self.done.add(key(result.image))
+
+    def close(self):
+        self.f.close()
+
+
+def _csv_line(fields):
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(fields)
+    return buf.getvalue()
+
+
+def write_txt_sidecar(photo, caption):
+    """photo.txt beside photo.jpg, the caption and a newline (what dataset-captioning tools read)."""
+    atomic_write_text(sidecar_of(photo), caption + "\n")
+
+
+def _draw(image, captions, png, words, alphas, attention_png):
+    """In the PNG worker process: the captioned picture (and the attention map)."""
+    from captioning.render import save_attention_map, save_captioned_image
+    save_captioned_image(image, captions, png)
+    if attention_png:
+        save_attention_map(image, words, alphas, attention_png)
+    return str(png), attention_png and str(attention_png)
+
+
+class Outputs:
+    """Every output a run asked for. `todo` picks the photos still to do, `submit` hands one finished photo
+    over without waiting, `close` waits for everything to be written."""
+
+    def __init__(self, cfg: OutputConfig, single):
+        self.cfg, self.single = cfg, single
+        self.png_out = Path(cfg.output) if cfg.output else Path("captioned_image.png" if single else "captioned")
+        if single and self.png_out.is_dir():
+            self.png_out = self.png_out / "captioned_image.png"
+        self.rows = [RowFile(p, k) for p, k in ((cfg.csv, "csv"), (cfg.jsonl, "jsonl")) if p]
+        self.exiftool = ExifTool() if cfg.metadata or (cfg.xmp and exiftool_path()) else None
+        self.failures = []
+        # One drawing process: on a 2-core machine the encoder keeps the other core (and a half) busy.
+        # spawn, not fork: a forked copy of a process running torch's threads can deadlock.
+        self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if cfg.png else None
+        self.queue = queue.Queue(maxsize=512)   # bounded: a slow disk holds the run back, not memory
+        self.thread = threading.Thread(target=self._write_all, name="outputs", daemon=True)
+        self.thread.start()
+
+    def png_path(self, photo):
+        if self.single:
+            return self.png_out
+        return self.png_out / photo.rel.parent / f"{photo.rel.stem}_captioned.png"
+
+    def _exists(self, photo):
+        """With --skip-existing: whether every file output of this photo is there already."""
+        cfg = self.cfg
+        files = ([self.png_path(photo)] if cfg.png else []) + ([sidecar_of(photo.path)] if cfg.txt else []) \
+            + ([photo.path.with_suffix(".xmp")] if cfg.xmp else [])
+        return bool(files) and all(f.exists() for f in files)
+
+    def todo(self, photos):
+        """The photos not done yet: those in every CSV/JSONL given are (a rerun resumes), and with
+        --skip-existing those whose sidecars and PNG exist."""
+        left = [p for p in photos if not (self.rows and all(key(p.path) in r.done for r in self.rows))]
+        if self.cfg.skip_existing:
+            left = [p for p in left if self.rows or not self._exists(p)]
+        if len(left) < len(photos):
+            console.print(f"{len(photos) - len(left):,} of {len(photos):,} photo(s) already captioned; "
+                          f"{len(left):,} to do.")
+        return left
+
+    def submit(self, photo, result):
+        """Queue one captioned photo's outputs (the PNG starts drawing now, in the worker)."""
+        drawing = None
+        if self.pool:
+            png = self.png_path(photo)
+            att = png.with_name(png.stem + "_attention.png") if self.cfg.attention and result.alphas is not None \
+                else None
+            drawing = self.pool.submit(_draw, str(photo.path), result.captions, png, result.words, result.alphas, att)
+        self.queue.put((photo, result, drawing))
+
+    def _write_all(self):
+        while (item := self.queue.get()) is not None:
+            try:
+                self._write(*item)
+            except Exception as e:   # one photo's failure costs that photo only; said in one line
+                self._fail(f"{item[0].path}: {failure_message(e)}")
+
+    def _fail(self, message):
+        self.failures.append(message)
+        warn(message)
+
+    def _write(self, photo, result, drawing):
+        caption, ok = result.captions[0], True
+        lossless = photo.path.suffix.lower() in TAGS
+        if self.cfg.metadata and not lossless:   # said, but the photo counts as done: no rerun can do better
+            warn(f"{photo.path}: cannot write metadata into {photo.path.suffix} files without re-encoding them")
+        steps = [(self.cfg.txt, lambda: write_txt_sidecar(photo.path, caption)),
+                 (self.cfg.xmp, lambda: write_xmp_sidecar(photo.path.with_suffix(".xmp"), caption, self.exiftool)),
+                 (self.cfg.metadata and lossless, lambda: self.exiftool.write(photo.path, caption))]
+        for wanted, step in steps:
+            if not wanted:
+                continue
+            try:
+                problem = step()
+            except OSError as e:
+                problem = f"{photo.path}: {failure_message(e)}"
+            if problem:
+                ok = False
+                self._fail(problem)
+        if drawing is not None:
+            try:
+                result.png, result.attention_png = drawing.result()
+            except Exception as e:
+                ok = False
+                self._fail(f"{photo.path}: PNG not drawn ({failure_message(e)})")
+        if ok:   # the row marks the photo done: only once all its outputs are written
+            for rows in self.rows:
+                rows.write(result)
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        if self.pool:
+            self.pool.shutdown()
+        if self.exiftool:
+            self.exiftool.close()
+        for rows in self.rows:
+            rows.close()
