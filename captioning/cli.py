@@ -11,39 +11,9 @@ import warnings
 
 from rich.markup import escape
 
+from .config import (ExtractConfig, ModelConfig, SearchConfig, TrainConfig, add_options, from_args, positive_float,
+                     positive_int)
 from .utils import CaptioningError, clean_user_path, console, failure_message
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    if value > 1_000_000:
-        raise argparse.ArgumentTypeError(f"{value} is too large")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
-    return value
-
-
-def fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got '{text}'")
-    return value
 
 
 def common_options(defaults=True):
@@ -64,15 +34,11 @@ def encoder_options(p, default="resnet50"):
     p.add_argument("--encoder", default=default, help=f"torchvision backbone (default {default}; e.g. resnet18, "
                    "resnet34, resnet101, resnet152, mobilenet_v2, efficientnet_b0)")
     p.add_argument("--encoder-weights", metavar="PATH", help="a local weights file instead of torchvision's download")
-    p.add_argument("--extract-batch-size", type=positive_int, help="images per encoder batch (default: auto)")
-    p.add_argument("--workers", type=int, help="image-decoding worker processes (default: auto)")
+    add_options(p, ExtractConfig)
 
 
-def search_options(p):
-    p.add_argument("--beam-size", type=positive_int, default=3, help="beam width (default 3; 1 = greedy)")
-    p.add_argument("--max-len", type=positive_int, default=20, help="longest caption in words (default 20)")
-    p.add_argument("--length-alpha", type=float, default=0.7, help="beam ranking: log-probability / length**alpha "
-                   "(0 favours short captions, 1 is the mean per word; default 0.7)")
+def search_options(p, skip=()):
+    add_options(p, SearchConfig, skip)
 
 
 def dist_option(p):
@@ -83,11 +49,6 @@ def dist_option(p):
 def ensemble_option(p):
     p.add_argument("--ensemble", nargs="+", default=[], metavar="PATH", help="more checkpoints (same encoder "
                    "and vocabulary) whose word probabilities are averaged with --model's")
-
-
-def decoder_names():
-    """The registered decoders, without importing torch (the --help path): models.py registers them."""
-    return ["lstm", "attention", "updown"]
 
 
 def library_options(p):
@@ -126,33 +87,9 @@ def build_parser():
     p = sub.add_parser("train", parents=[common], help="train a caption decoder (extracts features first)")
     p.add_argument("--data", required=True, help="dataset folder")
     encoder_options(p)
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--decoder", default="lstm", choices=decoder_names())
-    p.add_argument("--objective", default="xe", choices=["xe", "scst"], help="xe: cross-entropy; scst: "
-                   "self-critical CIDEr-D training, continuing from a trained model (default xe)")
-    p.add_argument("--init-from", metavar="PATH", default="", help="scst: the model to start from (default: "
-                   "models/best.pt, kept as models/xe_best.pt)")
-    p.add_argument("--scst-lr", type=positive_float, default=2e-5, help="scst learning rate (default 2e-5)")
-    p.add_argument("--scst-samples", type=positive_int, default=5, help="scst: captions sampled per image "
-                   "(default 5)")
+    add_options(p, TrainConfig)
+    add_options(p, ModelConfig)
     p.add_argument("--resume", action="store_true", help="continue from models/last.pt")
-    p.add_argument("--lr", type=positive_float, default=4e-4, help="learning rate (default 4e-4)")
-    p.add_argument("--embed-dim", type=positive_int, default=256)
-    p.add_argument("--hidden-dim", type=positive_int, default=512)
-    p.add_argument("--attention-dim", type=positive_int, default=512)
-    p.add_argument("--context-dim", type=int, default=512, help="attention decoder: project features to this "
-                   "size first (0: no projection; default 512)")
-    p.add_argument("--dropout", type=fraction, default=0.5)
-    p.add_argument("--label-smoothing", type=fraction, default=0.0)
-    p.add_argument("--min-count", type=positive_int, default=5, help="rarer words become <unk> (default 5)")
-    p.add_argument("--patience", type=positive_int, default=4, help="stop after this many epochs without "
-                   "a better dev CIDEr-D (default 4)")
-    p.add_argument("--lr-patience", type=positive_int, default=1, help="halve the learning rate after this many "
-                   "epochs without a better dev CIDEr-D (default 1)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision "
-                   "(bf16, or fp16 with loss scaling) on CUDA GPUs (default: on there; no effect elsewhere)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPUs, long runs)")
     dist_option(p)
 
     p = sub.add_parser("caption", parents=[common], help="caption images (files or folders)")
@@ -161,10 +98,6 @@ def build_parser():
                    "(default: models/best.pt in the workdir)")
     ensemble_option(p)
     search_options(p)
-    p.add_argument("--num-captions", type=positive_int, default=1, help="the N best distinct captions")
-    p.add_argument("--diversity", default="sample", choices=["sample", "beam"], help="how captions 2..N are "
-                   "found: sample (seeded nucleus samples that differ from the others in at least half their "
-                   "words; default) or beam (the next-best beams, often the same sentence)")
     p.add_argument("--output", help="PNG path for one image (default captioned_image.png); a folder for several")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
     p.add_argument("--attention", action="store_true", help="also draw where the model looked, word by word")
@@ -175,7 +108,7 @@ def build_parser():
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--model", help="checkpoint path or 'default' (default: models/best.pt)")
     ensemble_option(p)
-    search_options(p)
+    search_options(p, skip=("num_captions", "diversity", "top_p"))   # evaluation scores the first caption
     p.add_argument("--output", help="where to write the JSON report (default models/eval_<split>.json)")
 
     p = sub.add_parser("export", parents=[common], help="a small caption-only copy of a model (fp16, no "
@@ -205,8 +138,7 @@ def cmd_download(args):
 
 
 def _extract_config(args):
-    from .features import ExtractConfig
-    return ExtractConfig(batch_size=args.extract_batch_size, num_workers=args.workers, device=args.device)
+    return from_args(ExtractConfig, args, device=args.device)
 
 
 def _spec(args):
@@ -225,14 +157,8 @@ def cmd_extract(args):
 
 
 def cmd_train(args):
-    from .models import ModelConfig
-    from .train import TrainConfig, train
-    model = ModelConfig(decoder=args.decoder, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
-                        attention_dim=args.attention_dim, context_dim=args.context_dim, dropout=args.dropout)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
-                      min_count=args.min_count, patience=args.patience, lr_patience=args.lr_patience, seed=args.seed, amp=args.amp,
-                      compile=args.compile, objective=args.objective, scst_lr=args.scst_lr,
-                      scst_samples=args.scst_samples, init_from=args.init_from, model=model)
+    from .train import train
+    cfg = from_args(TrainConfig, args, seed=args.seed, model=from_args(ModelConfig, args))
     from .distributed import session
     with session(args.device, args.dist_timeout) as device:   # under torchrun: DistributedDataParallel
         args.device = device
@@ -260,10 +186,8 @@ def cmd_caption(args):
         raise CaptioningError(f"--write-metadata {INSTALL}.")
     find_model(args.workdir, args.model)
     from .captioner import Captioner, caption_files
-    from .search import SearchConfig
     captioner = Captioner.load(args.model, args.workdir, args.device, args.ensemble)
-    cfg = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, num_captions=args.num_captions,
-                       length_alpha=args.length_alpha, diversity=args.diversity, seed=args.seed)
+    cfg = from_args(SearchConfig, args, seed=args.seed)
     results = caption_files(captioner, inputs, cfg, paths=photos, outputs=_output_config(args), workdir=args.workdir)
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
@@ -279,9 +203,8 @@ def cmd_caption(args):
 
 def cmd_evaluate(args):
     from .evaluate import evaluate_model
-    from .search import SearchConfig
     evaluate_model(clean_user_path(args.data), args.split, args.model, args.workdir,
-                   SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_alpha=args.length_alpha),
+                   from_args(SearchConfig, args, seed=args.seed),
                    args.device, args.output, ensemble=args.ensemble)
 
 

@@ -29,23 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 from . import distributed
+from .config import ExtractConfig  # noqa: F401 (declared with every other setting)
 from .encoders import EncoderSpec, build_encoder, concrete_spec, draft_size_for, load_image
 from .store import CACHE_VERSION, RowWriter, cache_dir_for, open_store
 from .tuning import SHARE_EVERY_S, CpuShare, Settings, _autocast, _set_format, choose_settings, fold_batchnorm
 from .utils import CaptioningError, atomic_write_json, add_task, advance_task, console, make_progress
-
-@dataclass
-class ExtractConfig:
-    batch_size: int | None = None      # None: calibrated for the encoder and device (or a measured default)
-    num_workers: int | None = None     # decoding processes; None: on a CPU, threads on the cores torch leaves
-    #                                    free (else inline), on a GPU processes; 0: decode in the main thread
-    channels_last: bool | None = None  # None: as calibrated (on CPUs it is up to 2x faster for these CNNs)
-    threads: int | None = None         # torch compute threads while extracting; None: torch's own setting
-    decode_threads: int | None = None  # background decoding threads (no workers); None: cores torch leaves free
-    calibrate: bool | None = None      # None: when at least tuning.CALIBRATE_MIN_IMAGES images are to be done
-    device: str = "auto"
-    flush_every_s: float = 10.0        # how much work a kill can cost at most
-
 
 def pick_device(name="auto"):
     """CUDA, then Apple's MPS, then CPU — or exactly what the user asked for."""

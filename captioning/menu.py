@@ -5,6 +5,7 @@ prompt or during work comes back here; Ctrl-C or end of input at the menu itself
 The first screen imports no torch, so it appears at once.
 """
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .checkpoint import BUILTIN, describe, find_model, read_summary
+from .config import ModelConfig, SearchConfig, TrainConfig
 from .utils import CaptioningError, atomic_write_json, clean_user_path, failure_message
 
 out = Console(highlight=False)
@@ -70,6 +72,11 @@ def ask_path(prompt, default=None, want="any"):
             out.print(f"[red]That is a file; please give a folder: {escape(str(path))}[/]")
         else:
             return path
+
+
+# The prompts' defaults and choices are the settings' own (config.py), as the command line's are.
+TRAIN = TrainConfig()
+DECODER_CHOICES = next(f.metadata["choices"] for f in fields(ModelConfig) if f.name == "decoder")
 
 
 # --- state -------------------------------------------------------------------------------------------
@@ -160,9 +167,9 @@ def do_extract(state):
 def do_train(state):
     data = dataset_folder(state)
     encoder = ask("Encoder (resnet18/34/50/101/152, mobilenet_v2, ...)", "resnet50")
-    decoder = ask_choice("Decoder", ["lstm", "attention"], "lstm")
-    epochs = ask_int("Epochs", 20, 1, 1000)
-    batch = ask_int("Batch size", 32, 1, 4096)
+    decoder = ask_choice("Decoder", DECODER_CHOICES, TRAIN.model.decoder)
+    epochs = ask_int("Epochs", TRAIN.epochs, 1, 1000)
+    batch = ask_int("Batch size", TRAIN.batch_size, 1, 4096)
     resume = []
     if (Path(state.args.workdir) / "models" / "last.pt").exists():
         if ask_choice("A previous run exists. Continue it (y) or start over (n)", ["y", "n"], "y") == "y":
@@ -174,7 +181,7 @@ def do_train(state):
 
 def do_caption(state):
     path = ask_path("Image file or folder")
-    beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
+    beam = ask_int("Beam size (1 = greedy)", SearchConfig.beam_size, 1, 20)
     attention = []
     summary = read_summary(find_model(state.args.workdir))
     if summary and summary.get("attention", summary.get("decoder") == "attention"):   # older summaries lack it
@@ -207,7 +214,7 @@ def folder_outputs(path):
 def do_evaluate(state):
     data = dataset_folder(state)
     split = ask_choice("Split", ["val", "test"], "test")
-    beam = ask_int("Beam size (1 = greedy)", 3, 1, 20)
+    beam = ask_int("Beam size (1 = greedy)", SearchConfig.beam_size, 1, 20)
     run_command(state, ["evaluate", f"--data={data}", f"--split={split}", f"--beam-size={beam}"])
 
 

@@ -6,29 +6,13 @@ ids laid out `<start> w1 ... wn <end> <pad>...`; a decoder is trained to predict
 up to t. Adding a decoder is one class with `@register("name")`.
 """
 import math
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .config import ModelConfig  # noqa: F401 (declared with every other setting)
 from .vocab import START
-
-
-@dataclass
-class ModelConfig:
-    decoder: str = "lstm"        # a name in DECODERS: "lstm", "attention" or "updown"
-    vocab_size: int = 0
-    feat_dim: int = 0            # channels of the encoder's features
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    attention_dim: int = 512
-    context_dim: int = 512       # grid decoders: features are first projected to this size (0: keep C)
-    dropout: float = 0.5
-
-    def to_dict(self):
-        return asdict(self)
 
 
 DECODERS = {}

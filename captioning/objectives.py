@@ -18,9 +18,9 @@ from torch import nn
 from . import distributed
 from .models import caption_loss
 from .rewards import CiderD
-from .search import SearchConfig, sample
+from .search import SearchConfig, beam_search, sample
 from .store import load_unique
-from .vocab import PAD
+from .vocab import END, PAD
 
 OBJECTIVES = {}
 
@@ -187,12 +187,24 @@ class SelfCritical:
         world = distributed.world_size()
         part = distributed.batch_part(idx)
         feats, index = load_unique(store, part, self.decoder.uses_grid, device)
+        self.decoder.train(self.cfg.scst_dropout)
         tokens, logps, _ = model(feats[index], self.k, SearchConfig.max_len)   # as long as search's
         keys = part.repeat_interleave(self.k).tolist()
         rewards = torch.tensor(self.cider.scores(caption_ids(tokens), keys, self.refs), device=device)
-        advantage = self_critical_advantage(rewards, self.k)
+        if self.cfg.scst_baseline == "greedy":   # Rennie et al.'s own: beat the caption the model would give
+            advantage = rewards - self.greedy_rewards(feats[index], part).repeat_interleave(self.k)
+        else:
+            advantage = self_critical_advantage(rewards, self.k)
         # REINFORCE: each sample's summed log-probability, weighted by its advantage; a mean per sample,
         # × the rank's share of the global batch's images (see CrossEntropy.loss).
         loss = -(advantage * logps.sum(1)).mean() * (world * len(part) / len(idx))
         return loss, float(rewards.sum()), float(len(rewards))
+
+    @torch.no_grad()
+    def greedy_rewards(self, feats, rows):
+        training = self.decoder.training
+        self.decoder.eval()
+        greedy = [h[0].tokens + [END] for h in beam_search(self.decoder, feats, SearchConfig(beam_size=1))]
+        self.decoder.train(training)
+        return torch.tensor(self.cider.scores(greedy, rows.tolist(), self.refs), device=feats.device)
 

@@ -11,19 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .config import SearchConfig
 from .vocab import END, PAD, START, UNK
-
-
-@dataclass
-class SearchConfig:
-    beam_size: int = 3
-    max_len: int = 20
-    length_alpha: float = 0.7      # 0: raw log-probability; 1: mean log-probability per word
-    block_trigrams: bool = True    # "a man in a red shirt in a red shirt" is never what anyone wants
-    num_captions: int = 1          # the N best distinct captions per image
-    diversity: str = "sample"      # captions 2..N: "sample" (nucleus samples unlike those chosen) or "beam"
-    top_p: float = 0.8             # diversity "sample": sample from the words making up this much probability
-    seed: int = 0                  # diversity "sample": the same photo gets the same captions every run
 
 
 @dataclass
@@ -71,16 +60,8 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         n = len(active)
         logits, state, alpha = decoder.step(tokens, {**state, **fixed})
         state = {key: v for key, v in state.items() if key not in fixed}
-        logp = logits.float().log_softmax(-1)
+        logp = _constrained(logits, seqs, t, cfg)
         vocab = logp.shape[1]
-        logp[:, [PAD, START, UNK]] = float("-inf")
-        if t == 0:
-            logp[:, END] = float("-inf")        # at least one word
-        if t == cfg.max_len - 1:
-            logp[:, :] = float("-inf")
-            logp[:, END] = 0.0                  # out of room: close every beam here
-        if cfg.block_trigrams:
-            logp[_banned_trigrams(seqs, vocab)] = float("-inf")
         if keep_alphas and alpha is not None:
             alphas = alpha.unsqueeze(1) if alphas is None else torch.cat([alphas, alpha.unsqueeze(1)], 1)
 
@@ -88,24 +69,9 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         top_scores, top_idx = total.topk(2 * k, dim=1)     # 2K: enough for K to go on after any <end>s
         beam, word = top_idx // vocab, top_idx % vocab
         is_end = (word == END) & torch.isfinite(top_scores)
-
-        # Finished hypotheses: <end> among the top K candidates.
-        for i, j in is_end[:, :k].nonzero().tolist():
-            row = i * k + int(beam[i, j])
-            length = t + 1                                  # words plus <end>
-            hyp = Hypothesis(seqs[row].tolist(), float(top_scores[i, j]),
-                             float(top_scores[i, j]) / length ** cfg.length_alpha,
-                             alphas[row].cpu() if alphas is not None else None)
+        for i, hyp in _ended(is_end, beam, top_scores, seqs, alphas, t, k, cfg):
             finished[active[i]].append(hyp)
-
-        # The K best candidates that go on: not <end>, ranked as topk returned them.
-        go_on = ~is_end & torch.isfinite(top_scores)
-        rank = go_on.long().cumsum(1)
-        keep = go_on & (rank <= k)
-        order = torch.sort((~keep).float(), dim=1, stable=True).indices[:, :k]  # kept columns first, in order
-        sel_beam, sel_word = beam.gather(1, order), word.gather(1, order)
-        sel_scores = torch.where(keep.gather(1, order), top_scores.gather(1, order),
-                                 torch.full_like(top_scores[:, :k], float("-inf")))
+        sel_beam, sel_word, sel_scores = _going_on(is_end, beam, word, top_scores, k)
 
         # An image is done once it has enough finished captions and no live beam is likely to beat the worst
         # of them. With alpha 0 this is exact (a live beam's log-probability only falls); with alpha > 0 it
@@ -130,6 +96,42 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         tokens, scores = sel_word.view(-1), sel_scores
 
     return [_best_distinct(f, cfg.num_captions) for f in finished]
+
+
+def _constrained(logits, seqs, t, cfg):
+    """Log-probabilities [N, V] with what search never emits set to -inf: <pad>, <start>, <unk>; <end> as
+    the first word; anything but <end> at the last step; a repeated trigram (when blocked)."""
+    logp = logits.float().log_softmax(-1)
+    logp[:, [PAD, START, UNK]] = float("-inf")
+    if t == 0:
+        logp[:, END] = float("-inf")            # at least one word
+    if t == cfg.max_len - 1:
+        logp[:, :] = float("-inf")
+        logp[:, END] = 0.0                      # out of room: close every beam here
+    if cfg.block_trigrams:
+        logp[_banned_trigrams(seqs, logp.shape[1])] = float("-inf")
+    return logp
+
+
+def _ended(is_end, beam, top_scores, seqs, alphas, t, k, cfg):
+    """(image index in the batch, Hypothesis) for each <end> among an image's top K candidates."""
+    for i, j in is_end[:, :k].nonzero().tolist():
+        row = i * k + int(beam[i, j])
+        length = t + 1                                      # words plus <end>
+        yield i, Hypothesis(seqs[row].tolist(), float(top_scores[i, j]),
+                            float(top_scores[i, j]) / length ** cfg.length_alpha,
+                            alphas[row].cpu() if alphas is not None else None)
+
+
+def _going_on(is_end, beam, word, top_scores, k):
+    """The K best candidates per image that are not <end>, in topk's order: (beam, word, score) [n, K],
+    score -inf where fewer than K are left."""
+    go_on = ~is_end & torch.isfinite(top_scores)
+    keep = go_on & (go_on.long().cumsum(1) <= k)
+    order = torch.sort((~keep).float(), dim=1, stable=True).indices[:, :k]  # kept columns first, in order
+    sel_scores = torch.where(keep.gather(1, order), top_scores.gather(1, order),
+                             torch.full_like(top_scores[:, :k], float("-inf")))
+    return beam.gather(1, order), word.gather(1, order), sel_scores
 
 
 def _done(hyps, best_live, k_kept, t, cfg):

@@ -24,42 +24,19 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .config import ExtractConfig, ModelConfig, SearchConfig, TrainConfig
 from .checkpoint import find_model, load_checkpoint, models_dir, save_checkpoint, training_checkpoint
 from .encoders import EncoderSpec, concrete_spec
 from .evaluate import score_captions
-from .features import ExtractConfig, pick_device
-from .models import ModelConfig, build_decoder, caption_loss
+from .features import pick_device
+from .models import build_decoder, caption_loss
 from .objectives import (build_objective, decoder_loss, image_batches, length_buckets,  # noqa: F401 (re-exported)
                          make_batches)
 from .prepare import CaptionData, encode_split, prepare  # noqa: F401 (re-exported)
-from .search import SearchConfig, beam_search
+from .search import beam_search
 from .store import feature_stats, load_features, load_unique
 from .utils import CaptioningError, add_task, advance_task, console, make_progress, temp_path_for
 from .vocab import Vocabulary
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 32           # captions a step: reference captions (xe) or sampled ones (scst)
-    lr: float = 4e-4
-    weight_decay: float = 1e-4
-    clip: float = 5.0              # gradient-norm clipping: LSTMs occasionally spike
-    label_smoothing: float = 0.0
-    att_reg: float = 1.0           # weight of the decoder's own loss term (the attention penalty)
-    min_count: int = 5             # words seen fewer times in train become <unk>
-    max_words: int = 30            # longer captions are truncated (a few outliers in COCO)
-    patience: int = 4              # epochs without a better dev CIDEr-D before stopping early
-    lr_patience: int = 1           # epochs without improvement before halving the learning rate
-    dev_images: int = 1000         # dev images decoded each epoch (scored against all their references)
-    seed: int = 0
-    objective: str = "xe"          # "xe" (cross-entropy) or "scst" (self-critical, from a trained model)
-    scst_lr: float = 2e-5          # the learning rate of self-critical training
-    scst_samples: int = 5          # captions sampled per image (the baseline is the mean of the others)
-    init_from: str = ""            # scst: the model to start from (default: the workdir's models/best.pt)
-    amp: bool | None = None        # mixed precision on CUDA (None: on); ignored elsewhere
-    compile: bool = False          # torch.compile the decoder (worth it on GPUs for long runs)
-    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 RUNTIME = ("epochs", "amp", "compile")   # how to run, not what to learn: --resume takes them from the command
@@ -333,10 +310,12 @@ def train_epoch(run, epoch):
     world = distributed.world_size()
     batches = run.objective.batches(run.generator, world)
     amp = amp_dtype(run.device, run.cfg.amp)
-    total, count = 0.0, 0.0
+    total, count, t0 = 0.0, 0.0, time.time()
     with make_progress(transient=True) as bar:
         task = add_task(bar, f"Epoch {epoch}/{run.cfg.epochs}", len(batches), unit="batch")
-        for idx in batches:
+        for i, idx in enumerate(batches):
+            if epoch == run.start_epoch and i == ESTIMATE_AFTER < len(batches):
+                announce_epoch_time((time.time() - t0) / i * len(batches))
             with torch.autocast(run.device.type, dtype=amp) if amp else contextlib.nullcontext():
                 loss, value, n = run.objective.loss(run.model, run.store, idx, run.device)
             norm = optimizer_step(loss, run.optimizer, run.decoder.parameters(), run.cfg.clip, run.scaler)
@@ -348,6 +327,14 @@ def train_epoch(run, epoch):
             advance_task(bar, task, info=f"{run.objective.stat.split('_')[1]} {total / max(count, 1e-9):.3f}")
     total, count = distributed.all_sum(total, count)
     return total / max(count, 1)
+
+
+ESTIMATE_AFTER = 20   # batches timed before saying how long an epoch takes
+
+
+def announce_epoch_time(seconds):
+    minutes = f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+    console.print(f"An epoch takes about {minutes} here (from its first {ESTIMATE_AFTER} batches), plus dev scoring.")
 
 
 def optimizer_step(loss, optimizer, params, clip, scaler=None):

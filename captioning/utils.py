@@ -32,7 +32,9 @@ def failure_message(exc, batch_option="--batch-size"):
     if "OutOfMemoryError" in name or "out of memory" in text.lower():   # torch.cuda.OutOfMemoryError, MPS
         return f"The GPU ran out of memory; try a smaller {batch_option} (or --device cpu)."
     if isinstance(exc, OSError) and exc.errno is not None:
-        where = f" {exc.filename}" if exc.filename else ""
+        # os.replace(tmp, path) names both: the user's file is the second, the temporary name means nothing to them.
+        target = getattr(exc, "filename2", None) or exc.filename
+        where = f" {target}" if target else ""
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             return (f"The disk is full{' (writing' + where + ')' if where else ''}; free some space and run again. "
                     "Files finished before are intact.")

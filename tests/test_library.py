@@ -78,12 +78,14 @@ def test_write_metadata_and_no_png(attention_model, shapes_data, tmp_path):
 
 def test_read_only_photo_and_blocked_sidecar_cost_one_line_each(attention_model, shapes_data, tmp_path):
     _, ckpt = attention_model
-    photos = library(shapes_data, tmp_path / "lib", 3, layout=("",))
+    photos = library(shapes_data, tmp_path / "lib", 3, layout=("a", "b", "c"))
     photos[1].with_suffix(".txt").mkdir()                         # something in the way of one sidecar
-    r = cli("caption", "lib", "--model", ckpt, "--txt", "--no-png", "--csv", "out.csv", cwd=tmp_path)
+    r = cli("caption", "lib", "--recursive", "--model", ckpt, "--txt", "--no-png", "--csv", "out.csv", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     skipped = [line for line in r.stderr.splitlines() if "Skipped" in line]
-    assert len(skipped) == 1 and "IMG_0001" not in skipped[0] and "Traceback" not in r.stderr
+    assert len(skipped) == 1 and "Traceback" not in r.stderr
+    assert "b/IMG_0001.jpg" in skipped[0] and "found a folder: lib/b/IMG_0001.txt." in skipped[0]
+    assert ".tmp" not in skipped[0]                              # the user's file named, not a temporary one
     assert photos[0].with_suffix(".txt").is_file() and photos[2].with_suffix(".txt").is_file()
     done = [row[0] for row in read_csv(tmp_path / "out.csv")[1:]]
     assert len(done) == 2 and str(photos[1].relative_to(tmp_path)) not in done   # it is tried again next run

@@ -86,9 +86,11 @@ def test_train_prompts_ask_again_for_bad_numbers(tmp_path):
     r = run_menu(tmp_path, answers)
     assert r.returncode == 0
     assert "Traceback" not in r.stderr
-    assert r.stdout.count("Please type one of: lstm, attention.") == 1
-    assert r.stdout.count("Epochs [20]:") == 6
-    assert r.stdout.count("Batch size [32]:") == 5
+    from captioning.config import TrainConfig
+    from captioning.models import DECODERS
+    assert r.stdout.count(f"Please type one of: {', '.join(DECODERS)}.") == 1
+    assert r.stdout.count(f"Epochs [{TrainConfig.epochs}]:") == 6
+    assert r.stdout.count(f"Batch size [{TrainConfig.batch_size}]:") == 5
     assert r.stdout.count("Please type a whole number from 1 to 1,000.") == 2      # "ten", "2.5"
     assert r.stdout.count("out of range: type a number from 1 to 1,000.") == 3     # -1, 0, huge
     assert r.stdout.count("Please type a whole number from 1 to 4,096.") == 1      # "abc"
