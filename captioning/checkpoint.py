@@ -44,16 +44,17 @@ def load_checkpoint(path, map_location="cpu"):
         raise CaptioningError(f"Expected a model file (.pt) but got a folder: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except PermissionError:
-        raise CaptioningError(f"No permission to read model file: {path}") from None
+    # Each failure is one sentence for the user; `from e` keeps torch's own error for --debug.
+    except PermissionError as e:
+        raise CaptioningError(f"No permission to read model file: {path}") from e
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):
             # weights_only refused an object that is not a tensor or plain value: a pickle with code in it.
             raise CaptioningError(f"Refusing to load {path}: it holds more than plain tensors and values "
-                                  "(it may contain code).") from None
-        raise CaptioningError(f"Model file {path} is corrupt or not a checkpoint.") from None
+                                  "(it may contain code).") from e
+        raise CaptioningError(f"Model file {path} is corrupt or not a checkpoint.") from e
     except Exception as e:  # torch.load fails on damaged files in many ways (EOFError, IndexError, zip errors)
-        raise CaptioningError(f"Model file {path} is corrupt or truncated ({type(e).__name__}).") from None
+        raise CaptioningError(f"Model file {path} is corrupt or truncated ({type(e).__name__}).") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CaptioningError(f"{path} is not an image-captioning checkpoint.")
     if ckpt.get("version") != VERSION:
@@ -96,8 +97,8 @@ def export_model(source, output, reports=None):
         try:
             report = json.loads(Path(path).read_text())
             small["evaluation"][split] = {k: v for k, v in report.items() if k != "captions"}
-        except (OSError, ValueError, AttributeError):
-            raise CaptioningError(f"Cannot read the evaluation report {path}; run 'evaluate' again.") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise CaptioningError(f"Cannot read the evaluation report {path}; run 'evaluate' again.") from e
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(output, small)
     return Path(output)

@@ -40,9 +40,9 @@ def resolve_weights(name, tag):
     """The torchvision weights enum member for `name`; `tag` 'DEFAULT' picks the recommended one."""
     try:
         enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError) as e:
         known = ", ".join(SUGGESTED)
-        raise CaptioningError(f"Unknown encoder '{name}'; try one of: {known}.") from None
+        raise CaptioningError(f"Unknown encoder '{name}'; try one of: {known}.") from e
     return enum.DEFAULT if tag in (None, "DEFAULT") else enum[tag]
 
 
@@ -103,11 +103,11 @@ def build_encoder(spec: EncoderSpec):
         try:
             state = torch.load(os.path.expanduser(spec.weights_path), map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except FileNotFoundError:
-            raise CaptioningError(f"Encoder weights file not found: {spec.weights_path}") from None
+        except FileNotFoundError as e:
+            raise CaptioningError(f"Encoder weights file not found: {spec.weights_path}") from e
         except Exception as e:
             raise CaptioningError(f"Could not load encoder weights from {spec.weights_path}: "
-                                  f"{str(e).splitlines()[0]}") from None
+                                  f"{str(e).splitlines()[0]}") from e
     trunk = _trunk(model, spec.name).eval()
     for p in trunk.parameters():
         p.requires_grad_(False)
@@ -133,14 +133,14 @@ def load_image(path, draft_size=None):
                 img.draft("RGB", (draft_size, draft_size))
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except PermissionError:
-        raise CaptioningError(f"No permission to read image: {path}") from None
-    except Image.DecompressionBombError:
-        raise CaptioningError(f"Image is too large to decode safely: {path}") from None
-    except UnidentifiedImageError:
-        raise CaptioningError(f"Not an image file (or a format Pillow cannot read): {path}") from None
+    except PermissionError as e:  # `from e`: the one line for everyone, Pillow's own error for --debug
+        raise CaptioningError(f"No permission to read image: {path}") from e
+    except Image.DecompressionBombError as e:
+        raise CaptioningError(f"Image is too large to decode safely: {path}") from e
+    except UnidentifiedImageError as e:
+        raise CaptioningError(f"Not an image file (or a format Pillow cannot read): {path}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise CaptioningError(f"Could not read image {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise CaptioningError(f"Could not read image {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from e
 
 
 def to_rgb(img):

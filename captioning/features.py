@@ -2,9 +2,11 @@
 
 Rows are written in place and `progress.json` is replaced atomically only after they are flushed, so a
 killed run leaves a cache whose recorded rows are all valid: the next run continues from there and ends
-with exactly the cache an uninterrupted run writes. Under torchrun each rank writes a contiguous slice of
-whole batches with its own marker, progress-<first>-<end>.json; rank 0 marks the cache complete once all
-are done: the same bytes as one process writes.
+with the cache an uninterrupted run writes. Under torchrun each rank writes a contiguous slice of whole
+batches with its own marker, progress-<first>-<end>.json; rank 0 marks the cache complete once all are
+done: the rows one process writes. Both equal to within fp16 rounding, bit for bit only where the runs use
+the same number of compute threads (a convolution's sums run in an order that depends on it, and on a busy
+CPU extraction uses fewer threads).
 
 Speed (figures in bench/README.md; the choices are made in tuning.py). BatchNorm layers are folded into
 the convolutions before them (the same features up to float rounding; mobilenet_v2 1.4-1.6x faster on a CPU).

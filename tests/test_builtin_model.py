@@ -90,6 +90,7 @@ def test_own_model_wins_over_the_builtin_one(lstm_model, tmp_path, capsys):
     assert "built-in" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_builtin
 @pytest.mark.skipif(not (TORCH_HOME / "hub" / "checkpoints").is_dir(), reason="needs ../shared/torch_home")
 def test_builtin_model_captions_the_example_photos(tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoints: weights_only loading, every kind of bad file refused clearly, atomic saves, lookup order."""
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_bad_files_are_refused_in_one_sentence(tmp_path, kind):
     if kind == "folder":
         path.mkdir()
     elif kind == "garbage":
-        path.write_bytes(os.urandom(1000))
+        path.write_bytes(random.Random(1).randbytes(1000))
     elif kind == "truncated":
         ck.save_checkpoint(path, minimal())
         path.write_bytes(path.read_bytes()[:300])
@@ -57,6 +58,16 @@ def test_bad_files_are_refused_in_one_sentence(tmp_path, kind):
         ck.load_checkpoint(path)
     assert "\n" not in str(err.value)
     assert not os.path.exists(EVIL_MARK)    # the code inside the pickle never ran
+    if kind in ("garbage", "truncated", "pickle_code"):
+        assert err.value.__cause__ is not None  # torch.load's own error, kept for --debug
+
+
+def test_random_bytes_are_called_corrupt_not_code(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(CaptioningError) as e:
+        ck.load_checkpoint(bad)
+    assert "code" not in str(e.value) and "corrupt" in str(e.value)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The command line as users script it: exit codes, one-line errors, outputs. Mostly through the real entry
-script in a subprocess (tests.conftest.cli); the download and --debug checks run main() in-process so that
-kagglehub and the commands can be patched."""
+script in a subprocess (tests.conftest.cli); the download, --debug and no-model checks run main() in-process
+(tests.conftest.run_main) so that kagglehub, the commands and the built-in model's path can be patched."""
+import errno
 import json
 import os
 import random
@@ -13,20 +14,19 @@ import time
 import pytest
 from PIL import Image
 
+from captioning import checkpoint
 from captioning import cli as cli_module
-from captioning.checkpoint import BUILTIN
 from captioning.utils import CaptioningError
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, error_line
 
 TORCH_IMPORTED = re.compile(r"\|\s+torch(\.|$)", re.MULTILINE)  # a `-X importtime` line for torch or a submodule
 
 
-def error_line(stderr):
-    """The failure message: exactly one non-blank line on stderr, starting 'error:', and no traceback."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error:"), stderr
-    return lines[0]
+@pytest.fixture
+def no_builtin_model(monkeypatch, tmp_path):
+    """This repository ships a built-in model, which answers whenever a workdir has none: point its path at
+    a file that does not exist, as in an installation without it."""
+    monkeypatch.setattr(checkpoint, "BUILTIN", tmp_path / "no-builtin-model.pt")
 
 
 def shapes_images(shapes_data, n):
@@ -75,9 +75,7 @@ def test_usage_errors_exit_2(args, tmp_path):
     assert r.stdout == ""
 
 
-def test_common_options_work_before_and_after_the_command(tmp_path):
-    if BUILTIN.exists():
-        pytest.skip("a built-in model answers when the workdir has none")
+def test_common_options_work_before_and_after_the_command(tmp_path, no_builtin_model, run_main):
     # argparse subparsers used to overwrite options given before the command with their defaults.
     args = cli_module.build_parser().parse_args(["--workdir", "w", "--seed", "3", "--device", "cpu", "--debug",
                                                  "download"])
@@ -90,9 +88,9 @@ def test_common_options_work_before_and_after_the_command(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for args in (["--workdir", empty, "caption", image], ["caption", image, "--workdir", empty]):
-        r = cli(*args, cwd=tmp_path)
-        assert r.returncode == 1
-        assert str(empty / "models") in error_line(r.stderr)
+        code, out, err = run_main(*args)
+        assert code == 1 and out == ""
+        assert str(empty / "models") in error_line(err)
 
 
 # ---- caption: failures before any model is loaded ------------------------------------------------------
@@ -112,16 +110,16 @@ def test_caption_bad_input_is_one_line(tmp_path, kind):
     assert r.stdout == ""
 
 
-def test_caption_without_a_model_says_how_to_train(tmp_path):
-    if BUILTIN.exists():
-        pytest.skip("a built-in model answers when the workdir has none")
+def test_caption_without_a_model_says_how_to_train(tmp_path, no_builtin_model, run_main):
     image = tmp_path / "photo.jpg"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
     (tmp_path / "work").mkdir()
-    r = cli("caption", image, "--workdir", tmp_path / "work", cwd=tmp_path)
-    assert r.returncode == 1
-    line = error_line(r.stderr)
-    assert "No trained model" in line and "train --data" in line
+    # No model of the user's, and no built-in one to fall back on or to ask for by name.
+    for model, expected in (([], "No trained model"), (["--model", "default"], "no built-in model")):
+        code, out, err = run_main("caption", image, "--workdir", tmp_path / "work", *model)
+        assert code == 1 and out == ""
+        line = error_line(err)
+        assert expected in line and "train --data" in line
 
 
 # ---- caption with a trained model ----------------------------------------------------------------------
@@ -255,20 +253,6 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path):
 # ---- in-process: download with kagglehub patched, --debug ---------------------------------------------
 
 @pytest.fixture
-def run_main(monkeypatch, capsys):
-    """main(argv) in this process → (exit code, stdout, stderr)."""
-    import os
-    # main() sets PYTHONWARNINGS when it is unset; pin it so that the test leaves the environment as it found it.
-    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))
-
-    def run(*argv):
-        code = cli_module.main([str(a) for a in argv])
-        out = capsys.readouterr()
-        return code, out.out, out.err
-    return run
-
-
-@pytest.fixture
 def kaggle(monkeypatch, tmp_path):
     """Replace kagglehub.dataset_download with `fn(handle, force_download)`; no test touches the network."""
     import kagglehub
@@ -344,6 +328,49 @@ def test_captioning_error_is_one_line_without_unexpected(monkeypatch, run_main):
     code, _, err = run_main("download")
     assert code == 1
     assert error_line(err) == "error: Something the user can fix."
+
+
+@pytest.mark.parametrize("error", [CaptioningError("A thing the user can fix."), OSError(errno.ENOSPC, "No space"),
+                                   KeyError("x")])
+def test_debug_shows_the_traceback_and_nothing_else_does(monkeypatch, run_main, error):
+    def fails(args):
+        raise error
+    monkeypatch.setitem(cli_module.COMMANDS, "download", fails)
+    code, out, err = run_main("download")
+    assert code == 1 and out == ""
+    error_line(err)
+    code, out, err = run_main("download", "--debug")
+    assert code == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error:")
+
+
+@pytest.mark.parametrize("damaged", ["model", "encoder weights"])
+def test_debug_shows_what_really_went_wrong_behind_a_clear_error(tmp_path, run_main, damaged):
+    """A clear error keeps the exception it was raised from: without --debug the same one line as ever;
+    with --debug the real failure (torch.load's, on a damaged file) and then that line."""
+    import torch
+    from captioning.synthetic import make_shapes_dataset
+    garbage = write_random_bytes(tmp_path / "garbage.pt", seed=2)
+    try:
+        torch.load(garbage, weights_only=True)
+        pytest.fail("these random bytes loaded")
+    except Exception as e:
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:40]   # e.g. "IndexError: pop from empty list"
+    if damaged == "model":
+        image = tmp_path / "photo.jpg"
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+        argv = ["caption", image, "--model", garbage, "--output", tmp_path / "out.png"]
+    else:
+        data = make_shapes_dataset(tmp_path / "data", n_images=6, size=32)
+        argv = ["extract", "--data", data, "--workdir", tmp_path / "work", "--device", "cpu", "--encoder",
+                "resnet18", "--encoder-weights", garbage]
+    code, out, err = run_main(*argv)
+    assert code == 1 and out == ""
+    line = error_line(err)
+    assert cause not in line
+    code, out, err = run_main(*argv, "--debug")
+    assert code == 1
+    assert cause in err and "The above exception was the direct cause of the following exception" in err
+    assert err.rstrip().splitlines()[-1] == line
 
 
 # ---- leaving the process ------------------------------------------------------------------------------

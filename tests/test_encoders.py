@@ -5,7 +5,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from captioning.encoders import EncoderSpec, build_encoder, concrete_spec, load_image, resolve_weights
 from captioning.utils import CaptioningError
@@ -129,8 +129,9 @@ def test_encoder_weights_file_of_another_model_is_a_clear_error(tmp_path):
     import torchvision
     path = tmp_path / "mobilenet.pt"
     torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
-    with pytest.raises(CaptioningError, match="Could not load encoder weights"):
+    with pytest.raises(CaptioningError, match="Could not load encoder weights") as err:
         build_encoder(EncoderSpec("resnet18", weights_path=str(path)))
+    assert isinstance(err.value.__cause__, RuntimeError)    # load_state_dict's own error, kept for --debug
 
 
 def test_concrete_spec_prefers_a_cached_weights_file(tmp_path, torch_home):
@@ -312,10 +313,13 @@ def real_jpeg_bytes():
     return buf.getvalue()
 
 
-def refused(path, match, **kw):
+def refused(path, match, cause=None, **kw):
+    """load_image refuses `path` in one sentence; `cause`: the type of Pillow's own error, kept for --debug."""
     with pytest.raises(CaptioningError, match=match) as err:
         load_image(path, **kw)
     assert str(path) in str(err.value)
+    if cause is not None:
+        assert isinstance(err.value.__cause__, cause), repr(err.value.__cause__)
     return str(err.value)
 
 
@@ -323,7 +327,7 @@ def test_text_file_named_jpg(tmp_path):
     """A text file with an image extension is 'not an image', not a Pillow traceback."""
     path = tmp_path / "notes.jpg"
     path.write_text("this is not a photo\n")
-    refused(path, "Not an image")
+    refused(path, "Not an image", cause=UnidentifiedImageError)
 
 
 def test_empty_file(tmp_path):
@@ -339,7 +343,7 @@ def test_truncated_jpeg(tmp_path, draft_size):
     data = real_jpeg_bytes()
     path = tmp_path / "half.jpg"
     path.write_bytes(data[: len(data) // 2])
-    refused(path, "(?i)could not read image.*truncated", draft_size=draft_size)
+    refused(path, "(?i)could not read image.*truncated", cause=OSError, draft_size=draft_size)
 
 
 def test_decompression_bomb(tmp_path, monkeypatch):
@@ -347,7 +351,7 @@ def test_decompression_bomb(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     Image.new("RGB", (64, 64), WHITE).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 pixels > 2 × 100: Pillow's hard limit
-    refused(path, "too large")
+    refused(path, "too large", cause=Image.DecompressionBombError)
 
 
 def test_directory(tmp_path):

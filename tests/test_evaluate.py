@@ -65,6 +65,7 @@ def meteor_children():
     return found
 
 
+@pytest.mark.slow
 @needs_java
 def test_java_path_matches_pycocoevalcap_and_keeps_stdout_clean(capfd, monkeypatch):
     from pycocoevalcap.meteor import meteor as meteor_module
@@ -85,6 +86,7 @@ def test_java_path_matches_pycocoevalcap_and_keeps_stdout_clean(capfd, monkeypat
     assert 0.1 < ours["BLEU-4"] < 0.9 and 0.1 < ours["METEOR"] < 0.9 and ours["CIDEr-D"] > 0.5
 
 
+@pytest.mark.slow
 @needs_java
 def test_java_path_survives_awkward_text_and_closes_meteor(capfd):
     # Newlines and "|||" break METEOR's line protocol (it would wait forever); an empty caption must

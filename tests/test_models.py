@@ -1,4 +1,5 @@
 """Decoders: shapes, the packed/sorted training pass against a plain step-by-step pass, attention sums."""
+import pytest
 import torch
 
 from captioning.models import AttentionDecoder, ModelConfig, build_decoder, caption_loss
@@ -49,8 +50,15 @@ def test_attention_weights_sum_to_one_and_padding_gets_none():
     for i, n in enumerate(steps.tolist()):
         assert torch.allclose(alphas[i, :n].sum(-1), torch.ones(n), atol=1e-5)
         assert alphas[i, n:].abs().sum() == 0
-    penalty = AttentionDecoder.attention_penalty(alphas)
-    assert penalty.item() >= 0
+
+
+def test_attention_penalty_is_the_mean_squared_shortfall_of_each_cells_total():
+    """Doubly stochastic attention: each cell's attention summed over the caption should be 1; the penalty is
+    the mean over images and cells of (1 - total)², so 0 when every cell gets exactly 1."""
+    alphas = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]],    # totals 0.5, 1, 0.5: squares 0.25, 0, 0.25
+                           [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])   # totals 1, 0, 1: squares 0, 1, 0
+    assert AttentionDecoder.attention_penalty(alphas).item() == pytest.approx(1.5 / 6)
+    assert AttentionDecoder.attention_penalty(torch.eye(3).unsqueeze(0)).item() == 0   # each cell once
 
 
 def test_feature_norm_standardises():

@@ -1,4 +1,5 @@
 """Beam and greedy search on real trained models: optimality against greedy, constraints, batching."""
+import pytest
 import torch
 
 from captioning.captioner import Captioner
@@ -63,6 +64,7 @@ class CountingDecoder:
         return self.decoder.step(tokens, state)
 
 
+@pytest.mark.slow
 def test_a_finished_image_leaves_the_batch():
     """Batched search runs the decoder on exactly the rows one-image-at-a-time search would (an image whose
     captions are done costs nothing more), and what every image gets is unchanged by its neighbours. The

@@ -122,7 +122,6 @@ def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
     b.load_state_dict(a.state_dict())
     fast = make_optimizer(a.parameters(), cfg)
     plain = torch.optim.AdamW(b.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    assert fast.defaults["fused"]                  # this torch has the fused CPU kernel (>= 2.4)
 
     def steps(n):
         for _ in range(n):
@@ -132,9 +131,11 @@ def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
                     p.grad = g.clone()
                 opt.step()
 
+    before = [p.detach().clone() for p in a.parameters()]
     steps(3)
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q, p0 in zip(a.parameters(), b.parameters(), before):
         assert torch.allclose(p, q, atol=1e-6)
+        assert not torch.equal(p, p0)              # it did step
     # Swap the states: the plain one resumes the fused one's and the other way round.
     fast_state, plain_state = fast.state_dict(), plain.state_dict()
     fast.load_state_dict(plain_state)
@@ -142,3 +143,27 @@ def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
     steps(2)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_optimizer_is_plain_adamw_where_torch_has_no_fused_kernel(monkeypatch):
+    """On a torch or device without the fused kernel (AdamW(fused=True) raises), training still gets an AdamW
+    over all the parameters, with the configured learning rate."""
+    from captioning.train import TrainConfig, make_optimizer
+    real = torch.optim.AdamW
+
+    def without_fused(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                               "devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused)
+    cfg = TrainConfig()
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    optimizer = make_optimizer(iter(params), cfg)         # a generator, as model.parameters() is
+    assert optimizer.param_groups[0]["lr"] == cfg.lr
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for p in params:
+        assert torch.allclose(p, torch.full_like(p, 1 - cfg.lr * (1 + cfg.weight_decay)), atol=1e-6)
