@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 usage error (argparse), 1 any other failure — with on
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -125,6 +126,12 @@ def build_parser():
     p.add_argument("--model", help="checkpoint to start with (default: models/best.pt in the workdir)")
     p.add_argument("--image", help="a photo or folder to show at start, without uploading")
     p.add_argument("--port", type=positive_int, default=8501, help="the local web port (default 8501)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
+                   "computer only; 0.0.0.0 is every network it is on)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="a folder whose photos the "
+                   "page may read by path (repeatable); beyond this computer there is no path box without it")
+    p.add_argument("--password", nargs="?", const="", metavar="TEXT", help="ask visitors for this password "
+                   f"first (no TEXT: typed at the terminal; or set {PASSWORD_ENV})")
     p.add_argument("--headless", action="store_true", help="do not open a browser (e.g. on a server)")
     p.add_argument("--no-segmentation", action="store_true", help="start with the segmentation view off")
     return parser
@@ -223,39 +230,128 @@ def cmd_demo(args):
     run_demo(args.workdir, n_images=args.images, epochs=args.epochs, device=args.device, seed=args.seed)
 
 
-def cmd_dashboard(args):
-    """Start `streamlit run captioning/dashboard.py` in this Python; Ctrl-C stops it. Streamlit is optional,
-    so it is only looked for here, never imported by the CLI."""
-    import importlib.util
-    import subprocess
+PASSWORD_ENV = "IMAGE_CAPTIONING_DASHBOARD_PASSWORD"   # the dashboard reads it too: a password kept out of argv
+
+
+def is_loopback(host):
+    """True when `host` is reachable from this computer only. A name other than localhost counts as the network."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def dashboard_command(args):
+    """The `streamlit run` command line for the dashboard, and the URL it will answer on."""
     from pathlib import Path
-    if importlib.util.find_spec("streamlit") is None:
-        raise CaptioningError("The dashboard needs Streamlit, which is not installed: "
-                              "pip install -r requirements-dashboard.txt")
     app = [f"--workdir={os.path.abspath(args.workdir)}", f"--device={args.device}"]
     if args.model:
         app.append(f"--model={args.model if args.model == 'default' else os.path.abspath(args.model)}")
     if args.image:
         app.append(f"--image={os.path.abspath(clean_user_path(args.image))}")
+    app += [f"--allow-path={os.path.abspath(clean_user_path(d))}" for d in args.allow_path]
     if args.no_segmentation:
         app.append("--no-segmentation")
+    # XSRF protection is Streamlit's default; it is spelled out so that no config file can turn it off.
     command = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("dashboard.py")),
-               f"--server.port={args.port}", "--browser.gatherUsageStats=false", "--server.fileWatcherType=none",
-               "--client.toolbarMode=minimal",
+               f"--server.address={args.host}", f"--server.port={args.port}",
+               "--server.enableXsrfProtection=true", "--server.enableCORS=true",
+               "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--client.toolbarMode=minimal",
                f"--server.headless={'true' if args.headless else 'false'}", "--", *app]
-    console.print(f"Dashboard at http://localhost:{args.port} (Ctrl-C stops it).")
-    server = subprocess.Popen(command)
-    try:
-        code = server.wait()
-    except KeyboardInterrupt:   # the terminal sent Ctrl-C to streamlit too; let it shut down
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    return command, f"http://{host}:{args.port}"
+
+
+def cmd_dashboard(args):
+    """Serve captioning/dashboard.py with Streamlit until it ends or this process gets Ctrl-C, SIGTERM or
+    SIGHUP. Streamlit is optional, so it is only looked for here, never imported by the CLI."""
+    import importlib.util
+    if importlib.util.find_spec("streamlit") is None:
+        raise CaptioningError("The dashboard needs Streamlit, which is not installed: "
+                              "pip install -r requirements-dashboard.txt")
+    for folder in args.allow_path:
+        if not os.path.isdir(clean_user_path(folder)):
+            raise CaptioningError(f"--allow-path {folder} is not a folder.")
+    local = is_loopback(args.host)
+    if args.image and not local and not args.allow_path:
+        raise CaptioningError(f"--image needs --allow-path with --host {args.host}: from the network the page "
+                              "reads no folder it was not given.")
+    env = dict(os.environ)
+    if args.password is not None:
+        import getpass
+        env[PASSWORD_ENV] = args.password or getpass.getpass("Dashboard password: ")
+        if not env[PASSWORD_ENV]:
+            raise CaptioningError("The dashboard password is empty; give one, or leave out --password.")
+    command, url = dashboard_command(args)
+    if not local:
+        guard = "a password" if env.get(PASSWORD_ENV) else "no password"
+        reads = f"photos in {', '.join(args.allow_path)}" if args.allow_path else "uploads only, no path box"
+        console.print(f"[yellow]warning:[/] {escape(url)} is reachable from the network: anyone who can reach this "
+                      f"computer can use it ({guard}; {escape(reads)}).")
+    console.print(f"Dashboard at {escape(url)} (Ctrl-C stops it).")
+    code, stopped_by = serve(command, env)
+    if stopped_by is not None:
         console.print("Dashboard stopped.")
+        if stopped_by != signal.SIGINT:   # told to end (a service manager, a closed terminal): the menu too
+            raise SystemExit(128 + stopped_by)
         return
     if code != 0:
         raise CaptioningError(f"The dashboard stopped with exit code {code} (see its messages above).")
+
+
+def serve(command, env, grace=5):
+    """Run the server until it exits (→ (exit code, None)) or this process gets Ctrl-C, SIGTERM or SIGHUP
+    (→ (None, that signal)), then stop it. It runs in its own process group so that everything it starts
+    stops with it, and (on Linux) it is killed if this process dies without a word."""
+    import subprocess
+    caught = []
+
+    def on_signal(signum, frame):
+        caught.append(signum)
+        raise KeyboardInterrupt
+    stops = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    before = {s: signal.getsignal(s) for s in stops + [signal.SIGINT]}
+    for s in stops:
+        signal.signal(s, on_signal)
+    server = None
+    try:
+        server = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        return server.wait(), None
+    except KeyboardInterrupt:
+        for s in stops + [signal.SIGINT]:   # a second Ctrl-C must not cut the shutdown short
+            signal.signal(s, signal.SIG_IGN)
+        if server is not None:
+            stop_group(server, grace)
+        return None, caught[0] if caught else signal.SIGINT
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def stop_group(server, grace):
+    """SIGTERM to the server's process group; SIGKILL to whatever of it is left after `grace` seconds."""
+    import subprocess
+    kill = getattr(os, "killpg", None)
+    for sig, wait in ((signal.SIGTERM, grace), (getattr(signal, "SIGKILL", signal.SIGTERM), 10)):
+        try:
+            kill(server.pid, sig) if kill else server.send_signal(sig)
+        except (ProcessLookupError, PermissionError):
+            return   # the whole group is gone
+        try:
+            server.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _die_with_parent():
+    """In the server, before Streamlit starts: Linux sends it SIGTERM if the dashboard process dies (even by
+    SIGKILL, which leaves no chance to stop it), instead of leaving it listening as an orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
 
 
 COMMANDS = {"download": cmd_download, "extract": cmd_extract, "train": cmd_train, "caption": cmd_caption,

@@ -1,22 +1,31 @@
 """The web dashboard: caption (and segment) photos in the browser, on the checkpoints the menu trains.
 
     pip install -r requirements-dashboard.txt
-    python image_captioning.py dashboard [--workdir DIR] [--model PATH] [--image PATH] [--port N]
-    streamlit run captioning/dashboard.py -- [--workdir DIR] [--model PATH] [--image PATH]
+    python image_captioning.py dashboard [--workdir DIR] [--model PATH] [--image PATH] [--port N] [--host ADDRESS]
+                                         [--allow-path DIR ...] [--password [TEXT]]
+    streamlit run captioning/dashboard.py -- [--workdir DIR] [--model PATH] [--image PATH] [--allow-path DIR]
 
 Streamlit reruns this whole script on every click. The models therefore live in st.cache_resource (loaded
 once per server, not per rerun), and each photo's caption, PNGs and segmentation are kept in the session
 so that moving a slider recomputes only what the slider changed. Streamlit is an optional dependency:
 nothing else in the package imports this module.
+
+Who may read what is decided here, from the address the server really listens on (Streamlit's
+server.address, which `streamlit run` without it leaves at every interface): beyond this computer the
+path box exists only for the --allow-path folders, and a password in IMAGE_CAPTIONING_DASHBOARD_PASSWORD
+is asked for before anything else is drawn.
 """
 import argparse
 import csv
 import dataclasses
 import hashlib
+import hmac
 import io
 import json
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # `streamlit run` puts this file's folder on sys.path, where our datasets.py, utils.py, models.py... would
@@ -28,6 +37,7 @@ if str(_HERE.parent) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
+from captioning.cli import PASSWORD_ENV, is_loopback  # noqa: E402
 from captioning.utils import CaptioningError, clean_user_path, collect_images, failure_message  # noqa: E402
 
 MAX_PHOTOS = 50        # a folder of thousands would make a page no browser can show
@@ -53,6 +63,8 @@ def parse_args(argv):
     p.add_argument("--workdir", default=".", help="where models/ lives (default: current folder)")
     p.add_argument("--model", help="checkpoint path or 'default' (default: models/best.pt in the workdir)")
     p.add_argument("--image", default="", help="a photo or folder to show at start, without uploading")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder the path box may read (repeatable); without one it reads anything, on loopback")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--no-segmentation", action="store_true", help="start with the segmentation view off")
     return p.parse_known_args(argv)
@@ -79,7 +91,26 @@ def load_upload(name, data):
             raise CaptioningError(str(e).replace(str(path), safe)) from None
 
 
-def gather_photos(uploads, typed, remember=lambda key, compute: compute()):
+def readable_paths(typed, allowed):
+    """A typed file/folder path → its image paths, every one inside an `allowed` folder once `..`, symlinks
+    and `~` are resolved (no `allowed`: anything). The typed path is checked before it is looked at (so a
+    refusal does not tell whether something exists out there), then each photo: a folder inside may hold a
+    symlink to a photo outside."""
+    typed = clean_user_path(typed)
+    if not allowed:
+        return collect_images([typed])
+    roots = [Path(a).expanduser().resolve() for a in allowed]
+
+    def inside(path):
+        if not any(path.resolve().is_relative_to(root) for root in roots):
+            raise CaptioningError(f"{path} is outside the folders this dashboard may read "
+                                  f"({', '.join(map(str, roots))}).")
+        return path.resolve()
+    inside(typed)
+    return [inside(p) for p in collect_images([typed])]
+
+
+def gather_photos(uploads, typed, remember=lambda key, compute: compute(), allowed=()):
     """Uploaded files and a typed file/folder path → (photos, one error sentence per bad input).
     `remember` keeps each readable photo's small copy across reruns (the page passes its memo)."""
     candidates, errors = [], []
@@ -88,7 +119,7 @@ def gather_photos(uploads, typed, remember=lambda key, compute: compute()):
         candidates.append(Photo(up.name, hashlib.sha1(data).hexdigest(), data))
     if typed.strip():
         try:
-            for path in collect_images([clean_user_path(typed)]):
+            for path in readable_paths(typed, allowed):
                 stat = path.stat()   # a file changed on disk is read again
                 candidates.append(Photo(str(path), f"{path}:{stat.st_mtime_ns}:{stat.st_size}", path))
         except (CaptioningError, OSError) as e:
@@ -289,12 +320,15 @@ def caption_page(captioner, model_key, settings, args):
     _, beam, count, attention, segmentation = settings
     uploads = st.file_uploader("Photos", accept_multiple_files=True,
                                help="JPEG, PNG, GIF, WebP, BMP or TIFF; several at once are fine")
-    typed = st.text_input("...or a photo or folder on this computer", value=args.image)
-    photos, errors = gather_photos(uploads, typed, memo)
+    typed = ""
+    if path_box_allowed(args):   # absent, not hidden: a crafted request has no widget to fill in
+        typed = st.text_input("...or a photo or folder on this computer", value=args.image, key="path")
+    photos, errors = gather_photos(uploads, typed, memo, args.allow_path)
     for e in errors:
         st.error(e)
     if not photos:
-        st.info("Upload photos, or type the path of a photo or a folder, to caption them.")
+        st.info("Upload photos, or type the path of a photo or a folder, to caption them." if
+                path_box_allowed(args) else "Upload photos to caption them.")
         return
     if attention and not captioner.decoder.uses_grid:
         st.caption("This model has no attention (lstm decoder), so there are no attention maps.")
@@ -322,10 +356,32 @@ def caption_page(captioner, model_key, settings, args):
                               mime="text/csv", on_click="ignore")
 
 
+def path_box_allowed(args):
+    """The path box reads this computer's files: offered on loopback, and beyond it only for --allow-path.
+    An unset server.address is Streamlit's every-interface default."""
+    return bool(args.allow_path) or is_loopback(st.get_option("server.address") or "")
+
+
+def ask_password():
+    """Stop the page here until this session has typed the password (when one is set)."""
+    wanted = os.environ.get(PASSWORD_ENV, "")
+    if not wanted or st.session_state.get("unlocked"):   # "unlocked" is no widget's key: no client can set it
+        return
+    typed = st.text_input("Password", type="password")
+    if typed and hmac.compare_digest(typed.encode(), wanted.encode()):
+        st.session_state.unlocked = True
+        st.rerun()
+    if typed:
+        time.sleep(1)   # slows guessing down to one try a second per session
+        st.error("Wrong password.")
+    st.stop()
+
+
 def main():
     args, unknown = parse_args(sys.argv[1:])
     st.set_page_config(page_title="image-captioning", layout="wide")
     st.title("image-captioning")
+    ask_password()
     if unknown:
         st.warning(f"Ignored unknown options: {' '.join(unknown)}")
     settings = sidebar(args)

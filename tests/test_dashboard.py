@@ -54,18 +54,23 @@ def photos(shapes_data):
 
 @pytest.fixture
 def app(monkeypatch):
-    """AppTest for the dashboard with these command-line arguments; caches start empty."""
+    """AppTest for the dashboard with these command-line arguments, served as if on `host` (the address
+    `dashboard --host` gives Streamlit; the page reads it back); caches start empty."""
     st = pytest.importorskip("streamlit")
+    from streamlit import config
     from streamlit.testing.v1 import AppTest
+    before = config.get_option("server.address")
 
-    def make(*argv):
+    def make(*argv, host="127.0.0.1"):
         st.cache_resource.clear()
+        config.set_option("server.address", host)
         monkeypatch.setattr(sys, "argv", ["dashboard.py", *map(str, argv)])
         at = AppTest.from_file(APP, default_timeout=120)
         at.run()
         assert not at.exception, at.exception
         return at
-    return make
+    yield make
+    config.set_option("server.address", before)
 
 
 def expected_captions(workdir, image_path, beam=3, count=3):
@@ -209,6 +214,67 @@ def test_segmentation_without_weights_is_one_sentence_and_captions_go_on(app, wo
     assert f"**{expected_captions(workdir, photos[0]).captions[0]}**" in texts(at.markdown)
 
 
+def shown_photos(at):
+    return [m for m in texts(at.markdown) if m.startswith("#### ")]
+
+
+# ---- AppTest: who may read what ---------------------------------------------------------------------
+
+def test_beyond_loopback_there_is_no_path_box_and_no_way_to_fill_one(app, workdir, photos):
+    at = app("--workdir", workdir, "--no-segmentation", "--image", photos[0], host="0.0.0.0")
+    assert not at.text_input and not at.error                    # --image too is ignored: no box to fill
+    assert texts(at.info) == ["Upload photos to caption them."]
+    # A crafted client can send a value for the box's widget key; with no widget, nothing reads it.
+    at.session_state["path"] = str(photos[0])
+    at.run()
+    assert not at.exception and not shown_photos(at) and texts(at.info) == ["Upload photos to caption them."]
+    # Uploads still work.
+    at.file_uploader[0].set_value((photos[1].name, photos[1].read_bytes(), "image/jpeg"))
+    at.run()
+    assert f"**{expected_captions(workdir, photos[1]).captions[0]}**" in texts(at.markdown)
+
+
+def test_allow_path_reads_inside_and_refuses_dot_dot_symlinks_and_home(app, workdir, photos, tmp_path, monkeypatch):
+    inside, outside = tmp_path / "A", tmp_path / "B"
+    inside.mkdir()
+    outside.mkdir()
+    shutil.copy(photos[0], inside / "in.jpg")
+    shutil.copy(photos[1], outside / "out.jpg")
+    (inside / "link.jpg").symlink_to(outside / "out.jpg")
+    (inside / "sub").mkdir()
+    (inside / "sub" / "link.jpg").symlink_to(outside / "out.jpg")   # a folder inside, a photo outside
+    monkeypatch.setenv("HOME", str(outside))
+    at = app("--workdir", workdir, "--no-segmentation", "--allow-path", inside, host="0.0.0.0")
+
+    def refused(typed, shown):
+        at.text_input[0].set_value(typed).run()
+        assert not at.exception and not shown_photos(at)
+        assert texts(at.error) == [f"{shown} is outside the folders this dashboard may read ({inside})."]
+    at.text_input[0].set_value(str(inside / "in.jpg")).run()
+    assert not at.error and f"**{expected_captions(workdir, photos[0]).captions[0]}**" in texts(at.markdown)
+    refused(f"{inside}/../B/out.jpg", f"{inside}/../B/out.jpg")
+    refused(str(inside / "link.jpg"), inside / "link.jpg")
+    refused(str(inside / "sub"), inside / "sub" / "link.jpg")
+    refused("~/out.jpg", outside / "out.jpg")
+    refused("~", outside)
+    refused(str(outside / "missing.jpg"), outside / "missing.jpg")   # refused, not "not found": no probing
+
+
+def test_a_password_is_asked_before_anything_is_shown(app, workdir, monkeypatch):
+    monkeypatch.setenv("IMAGE_CAPTIONING_DASHBOARD_PASSWORD", "correct horse")
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)    # the page's pause after a wrong guess
+    at = app("--workdir", workdir, "--no-segmentation")
+    assert [t.label for t in at.text_input] == ["Password"]
+    assert not at.file_uploader and not at.sidebar.slider and not at.tabs and not at.table and not at.markdown
+    at.text_input[0].set_value("wrong").run()
+    assert texts(at.error) == ["Wrong password."] and not at.file_uploader
+    at.text_input[0].set_value("correct horse").run()
+    assert not at.error and len(at.file_uploader) == 1 and at.sidebar.slider
+    assert [t.label for t in at.text_input] == ["...or a photo or folder on this computer"]
+    at.run()                                                      # and it stays unlocked for this session
+    assert len(at.file_uploader) == 1
+
+
 # ---- the helpers, directly ----------------------------------------------------------------------------
 
 def test_upload_loading_names_the_upload_never_a_temporary_path(photos):
@@ -272,51 +338,140 @@ def test_the_menu_option_without_streamlit_is_one_line_and_the_menu_goes_on(monk
                       "pip install -r requirements-dashboard.txt"]
 
 
-def test_dashboard_starts_streamlit_on_this_app(monkeypatch, tmp_path):
-    pytest.importorskip("streamlit")
+class FakeServer:
+    """Popen's stand-in: records the command and environment instead of serving (the tests below that start
+    a real server check what the server does); `wait` plays its script, one entry per call."""
     started = []
 
-    class FakeServer:            # records the command instead of serving; the browser test starts it for real
-        def __init__(self, command):
-            started.append(command)
+    def __init__(self, command, env=None, **kwargs):
+        self.command, self.env, self.kwargs, self.pid, self.waits = command, env, kwargs, -1, []
+        FakeServer.started.append(self)
 
-        def wait(self, timeout=None):
-            return 0
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        if isinstance(self.plays, signal.Signals) and len(self.waits) == 1:
+            os.kill(os.getpid(), self.plays)    # as `kill` would send it to this process
+            time.sleep(5)                       # interrupted by the handler at once
+        if isinstance(self.plays, BaseException) and len(self.waits) == 1:
+            raise self.plays
+        return 0
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    pytest.importorskip("streamlit")
+    FakeServer.started, FakeServer.plays = [], None
     monkeypatch.setattr(subprocess, "Popen", FakeServer)
+    stops = []
+    monkeypatch.setattr(cli_module, "stop_group", lambda server, grace: stops.append(grace))
+    return FakeServer, stops
+
+
+def test_dashboard_starts_streamlit_on_this_app_on_loopback(fake_server, capsys, tmp_path):
     photo = tmp_path / "a photo.jpg"
     assert cli_module.main(["dashboard", "--workdir", str(tmp_path), "--port", "9123", "--headless",
                             "--image", f'"{photo}"', "--model", "default"]) == 0
-    command = started[0]
+    server = fake_server[0].started[0]
+    command = server.command
     assert command[:5] == [sys.executable, "-m", "streamlit", "run", APP]
     assert "--server.port=9123" in command and "--server.headless=true" in command
+    assert "--server.address=127.0.0.1" in command and "--server.enableXsrfProtection=true" in command
     app_args = command[command.index("--") + 1:]
     assert app_args == [f"--workdir={tmp_path}", "--device=auto", "--model=default", f"--image={photo}"]
+    assert server.kwargs["start_new_session"]             # its own process group: stopped as a whole
+    out = capsys.readouterr()
+    assert out.err.strip() == "Dashboard at http://127.0.0.1:9123 (Ctrl-C stops it)."   # no warning
 
 
+def test_dashboard_on_the_network_says_so_and_takes_allow_path_and_a_password(fake_server, capsys, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.delenv("IMAGE_CAPTIONING_DASHBOARD_PASSWORD", raising=False)
+    (tmp_path / "photos").mkdir()
+    assert cli_module.main(["dashboard", "--workdir", str(tmp_path), "--host", "0.0.0.0", "--headless"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: http://0.0.0.0:8501 is reachable from the network: anyone who can reach this computer "
+                   "can use it (no password; uploads only, no path box).",
+                   "Dashboard at http://0.0.0.0:8501 (Ctrl-C stops it)."]
+    # The password from the terminal reaches the server in its environment, never in a command line.
+    monkeypatch.setattr("getpass.getpass", lambda prompt: "s3cret")
+    assert cli_module.main(["dashboard", "--workdir", str(tmp_path), "--host", "::", "--password",
+                            "--allow-path", str(tmp_path / "photos"), "--allow-path", "~"]) == 0
+    server = fake_server[0].started[1]
+    assert server.env["IMAGE_CAPTIONING_DASHBOARD_PASSWORD"] == "s3cret"
+    assert not any("s3cret" in part for part in server.command)
+    assert f"--allow-path={tmp_path / 'photos'}" in server.command
+    assert f"--allow-path={os.path.expanduser('~')}" in server.command
+    err = capsys.readouterr().err
+    assert "http://[::]:8501 is reachable from the network" in err and "(a password; photos in" in err
 
-def test_ctrl_c_stops_the_dashboard_and_the_menu_comes_back(monkeypatch, capsys, tmp_path):
-    pytest.importorskip("streamlit")
+
+@pytest.mark.parametrize("argv, message", [
+    (["--host", "0.0.0.0", "--image", "x.jpg"], "--image needs --allow-path with --host 0.0.0.0: from the network "
+                                                "the page reads no folder it was not given."),
+    (["--allow-path", "nowhere"], "--allow-path nowhere is not a folder."),
+    (["--password", ""], "The dashboard password is empty; give one, or leave out --password.")])
+def test_dashboard_refusals_are_one_line(fake_server, capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("getpass.getpass", lambda prompt: "")
+    assert cli_module.main(["dashboard", *argv]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}" and not fake_server[0].started
+
+
+def test_ctrl_c_stops_the_dashboard_and_the_menu_comes_back(fake_server, monkeypatch, capsys, tmp_path):
     from rich.console import Console
-    started, waits = [], []
-
-    class ServerStoppedByCtrlC:
-        def __init__(self, command):
-            started.append(command)
-
-        def wait(self, timeout=None):
-            waits.append(timeout)
-            if len(waits) == 1:
-                raise KeyboardInterrupt    # the user's Ctrl-C reaches the menu while streamlit serves
-            return 0
-    monkeypatch.setattr(subprocess, "Popen", ServerStoppedByCtrlC)
+    FakeServer.plays = KeyboardInterrupt()      # the user's Ctrl-C reaches the menu while streamlit serves
     monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
     monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
     assert cli_module.main(["--workdir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "Dashboard stopped." in captured.err and "error" not in captured.out
     assert captured.out.count("Choose:") == 2 and captured.out.rstrip().endswith("Bye.")
-    assert "--server.headless=false" in started[0]     # from the menu, a browser opens
-    assert waits == [None, 10]                         # then it waited for streamlit to shut down
+    server = FakeServer.started[0]
+    assert "--server.headless=false" in server.command    # from the menu, a browser opens
+    assert "--server.address=127.0.0.1" in server.command
+    assert fake_server[1] == [5]                            # then its process group was stopped
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # and the handlers are the menu's again
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_in_the_menus_dashboard_stops_it_and_ends_the_menu(fake_server, monkeypatch, capsys,
+                                                                             tmp_path, sig):
+    from rich.console import Console
+    FakeServer.plays = sig
+    monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
+    monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
+    start = time.time()
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main(["--workdir", str(tmp_path)])
+    assert exit_.value.code == 128 + sig and time.time() - start < 4
+    captured = capsys.readouterr()
+    assert "Dashboard stopped." in captured.err and captured.out.count("Choose:") == 1
+    assert fake_server[1] == [5] and signal.getsignal(sig) == signal.SIG_DFL
+
+
+def test_a_server_that_ignores_sigterm_is_killed_with_its_children(tmp_path):
+    """serve() on a stand-in that starts a child and ignores SIGTERM: this process gets SIGTERM, and within
+    the grace period plus a moment both are gone."""
+    psutil = pytest.importorskip("psutil")
+    ready = tmp_path / "pids"
+    stubborn = (f"import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                f"open({str(ready)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+
+    def send_sigterm_when_ready():
+        deadline = time.time() + 30
+        while not (ready.exists() and ready.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    import threading
+    threading.Thread(target=send_sigterm_when_ready, daemon=True).start()
+    start = time.time()
+    code, stopped_by = cli_module.serve([sys.executable, "-c", stubborn], dict(os.environ), grace=1)
+    assert (code, stopped_by) == (None, signal.SIGTERM) and time.time() - start < 20
+    child = int(ready.read_text())
+    wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+             5, "the server's child to be gone")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 # ---- the running app in a real browser ------------------------------------------------------------------
@@ -399,31 +554,107 @@ def wait_for(condition, timeout, what, poll=0.5):
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
+class Dashboard:
+    """`image_captioning.py dashboard --headless` started as a user starts it, in its own session so that a
+    failing test can still clean up everything it started; the signals in the tests go to its pid only."""
+
+    def __init__(self, workdir, tmp_path, *options):
+        self.port, self.log_path = free_port(), tmp_path / "server.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "image_captioning.py"), "dashboard", "--headless",
+                                      "--port", str(self.port), "--workdir", str(workdir), "--no-segmentation",
+                                      *map(str, options)], cwd=tmp_path, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for(self.healthy, 90, "the dashboard server")
+
+    def get(self, path):
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never via a proxy
+        with direct.open(self.url + path, timeout=5) as r:
+            return r.status, r.read()
+
+    def healthy(self):
+        assert self.proc.poll() is None, self.log_path.read_text()
+        try:
+            return self.get("/_stcore/health")[0] == 200
+        except OSError:
+            return False
+
+    def processes(self):
+        """The dashboard process and every process under it (the streamlit server and what it started)."""
+        import psutil
+        me = psutil.Process(self.proc.pid)
+        return [me, *me.children(recursive=True)]
+
+    def close(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # only the test's own leftovers, after a failure
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.log.close()
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def running(workdir, tmp_path):
+    servers = []
+
+    def start(*options):
+        servers.append(Dashboard(workdir, tmp_path, *options))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_the_server_listens_on_127_0_0_1_only(running, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    server = running()
+    listening = [c.laddr for p in server.processes() for c in p.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN]
+    assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", server.port)]   # as the OS sees it
+    assert f"Dashboard at http://127.0.0.1:{server.port} (Ctrl-C stops it)." in server.log_path.read_text()
+    # Nothing on this computer is served by path, however the path is spelled.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web")
+    for path in [f"/{secret}", f"/media/{secret}", f"/app/static/../../..{secret}", f"/static/..%2f..%2f..{secret}",
+                 f"/component/..%2f..%2f..{secret}", f"/_stcore/..%2f..{secret}"]:
+        try:
+            body = server.get(path)[1]
+        except urllib.error.HTTPError as e:
+            body = e.read()
+        assert b"not for the web" not in body, path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_stops_the_server_and_frees_the_port(running, sig):
+    psutil = pytest.importorskip("psutil")
+    server = running()
+    tree = server.processes()
+    assert len(tree) >= 2                              # the dashboard command and the streamlit server
+    start = time.time()
+    os.kill(server.proc.pid, sig)                      # to the dashboard process only, as `kill` does
+    assert server.proc.wait(10) == 128 + sig
+    gone, alive = psutil.wait_procs(tree[1:], timeout=max(0.1, 10 - (time.time() - start)))
+    assert not alive, f"still running {time.time() - start:.1f}s after {sig.name}: {alive}"
+    with socket.socket() as s:                         # a new server can take the port at once
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers (Streamlit's too) bind
+        s.bind(("127.0.0.1", server.port))
+        s.listen()
+    assert server.log_path.read_text().rstrip().endswith("Dashboard stopped.")
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium on PATH "
                     "(apt-get install chromium); .ci/run installs it")
-def test_the_running_dashboard_in_headless_chromium(workdir, photos, tmp_path):
-    pytest.importorskip("streamlit")
+def test_the_running_dashboard_in_headless_chromium(running, workdir, photos, tmp_path):
     want = expected_captions(workdir, photos[0]).captions[0]
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    # The real entry point, as a user starts it; its own process group so that the streamlit child stops too.
-    server = subprocess.Popen([sys.executable, str(ROOT / "image_captioning.py"), "dashboard", "--headless",
-                               "--port", str(port), "--workdir", str(workdir), "--image", str(photos[0]),
-                               "--no-segmentation"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    server = running("--image", photos[0])
     browser = None
     try:
-        def healthy():
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never via a proxy
-                return direct.open(f"http://localhost:{port}/_stcore/health", timeout=2).status == 200
-            except OSError:
-                return False
-        wait_for(healthy, 90, "the dashboard server")
         browser = Chromium()
-        browser.open(f"http://localhost:{port}")
-        wait_for(lambda: want in browser.text(), 90, f"the caption '{want}' in the page")
+        browser.open(server.url)
+        wait_for(lambda: want in browser.text(), 240, f"the caption '{want}' in the page")   # 2 busy cores
         wait_for(lambda: "All results (CSV)" in browser.text(), 60, "the end of the page")
         time.sleep(1)   # let the images finish drawing
         shot = tmp_path / "dashboard.png"
@@ -432,16 +663,52 @@ def test_the_running_dashboard_in_headless_chromium(workdir, photos, tmp_path):
     finally:
         if browser:
             browser.close()
-        os.killpg(server.pid, signal.SIGINT)    # Ctrl-C, as a user stops it
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
-        log.close()
+    os.kill(server.proc.pid, signal.SIGINT)    # Ctrl-C, as a user stops it
+    assert server.proc.wait(20) == 0
     with Image.open(shot) as im:
         assert im.width == 1400 and im.height > 800
         assert len(im.convert("L").getcolors(1 << 16)) > 50   # a drawn page, not a blank one
     assert "Caption photos" in page and "Model card" in page and "Annotated PNG" in page
     assert "Traceback" not in page and "Error" not in page
-    assert "Dashboard stopped." in (tmp_path / "server.log").read_text()
+    assert "Dashboard stopped." in server.log_path.read_text()
+
+
+def playwright_chromium():
+    """Playwright's sync API, or a skip: pip's playwright cannot download its browser here, so it drives
+    Debian's chromium."""
+    sync_api = pytest.importorskip("playwright.sync_api", exc_type=ImportError)   # a broken install too
+    if shutil.which("chromium") is None:
+        pytest.skip("needs Debian's chromium on PATH (apt-get install chromium); .ci/run installs it")
+    return sync_api.sync_playwright, shutil.which("chromium")
+
+
+def test_three_people_uploading_at_once_all_get_their_captions(running, workdir, photos, tmp_path):
+    sync_playwright, chromium = playwright_chromium()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photo at all")
+    uploads = [[photos[0]], [photos[1], photos[0]], [broken, photos[1]]]   # the third person's first file is bad
+    want = {p: expected_captions(workdir, p).captions[0] for p in photos}
+    server = running()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            pages = [browser.new_context().new_page() for _ in uploads]    # a context each: separate people
+            for page in pages:   # the first page loads the model (once per server), the others find it loaded
+                page.goto(server.url)
+                page.wait_for_selector("input[type=file]", state="attached", timeout=240_000)
+            start = time.time()
+            for page, files in zip(pages, uploads):   # all three upload before any has its captions
+                page.set_input_files("input[type=file]", [str(f) for f in files])
+            for page, files in zip(pages, uploads):
+                for f in files:
+                    if f == broken:
+                        page.get_by_text("Not an image file").wait_for(timeout=180_000)
+                    else:
+                        page.get_by_text(want[f], exact=True).first.wait_for(timeout=180_000)
+                page.get_by_text("All results (CSV)").wait_for(timeout=60_000)
+            took = time.time() - start
+            texts_ = [page.inner_text("body") for page in pages]
+        finally:
+            browser.close()
+    assert all("Traceback" not in t for t in texts_) and "Not an image file" not in texts_[0] + texts_[1]
+    print(f"3 pages, 5 uploads: all captioned {took:.1f}s after the uploads began")
