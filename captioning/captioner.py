@@ -144,13 +144,15 @@ def caption_files(captioner, inputs, cfg: SearchConfig, output=None, attention=F
     opts = outputs or OutputConfig(output=output, attention=attention)
     photos = [p if isinstance(p, Photo) else Photo(Path(p), Path(Path(p).name)) for p in paths] if paths \
         else find_photos(inputs)
-    single = len(photos) == 1 and not Path(inputs[0]).is_dir()
+    single = len(inputs) == 1 and len(photos) == 1 and not Path(inputs[0]).is_dir()   # as the user named them
     sink = Outputs(opts, single)
     try:
         results, failures = _caption_stream(captioner, sink.todo(photos), cfg, sink, opts.attention, batch_size,
                                             workdir)
     finally:
         sink.close()
+    if sink.failures and single:
+        raise CaptioningError(sink.failures[0])
     if failures and single:
         raise CaptioningError(failures[0])
     for f in failures:

@@ -393,8 +393,11 @@ def clean_paths(args):
 
 def run_argv(argv):
     """Parse `argv` with this parser and run its command: how the menu runs what its answers describe."""
-    args = build_parser().parse_args(argv)
-    COMMANDS[args.command](args)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # argparse has said what was wrong; the menu must not end for it
+        raise CaptioningError(f"The {argv[0]} command could not use these answers (see above).") from None
+    COMMANDS[args.command](args)   # a command's own SystemExit (the dashboard stopped by a signal) ends the menu
 
 
 def main(argv=None):

@@ -79,7 +79,7 @@ class SearchConfig:
     diversity: str = setting("sample", "how captions 2..N are found: sample (seeded nucleus samples that differ "
                                        "from the others in at least half their words) or beam (the next-best "
                                        "beams, often the same sentence)", choices=["sample", "beam"])
-    top_p: float = setting(0.8, "diversity sample: draw from the likeliest words making up this much "
+    top_p: float = setting(0.5, "diversity sample: draw from the likeliest words making up this much "
                                 "probability", "positive")
     seed: int = 0                  # diversity "sample": the same photo gets the same captions (--seed)
 

@@ -150,10 +150,7 @@ def do_download(state):
 def run_command(state, argv):
     """Run a CLI command with the menu's answers: one parser, one set of defaults, the commands' own code."""
     common = [f"--workdir={state.args.workdir}", f"--device={state.args.device}", f"--seed={state.args.seed}"]
-    try:
-        state.run_cli([*argv[:1], *common, *map(str, argv[1:])])
-    except SystemExit:  # argparse has said what was wrong; the menu must not end for it
-        raise CaptioningError(f"The {argv[0]} command could not use these answers (see above).") from None
+    state.run_cli([*argv[:1], *common, *map(str, argv[1:])])
 
 
 def do_extract(state):

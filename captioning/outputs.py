@@ -164,6 +164,16 @@ def _draw(image, captions, png, words, alphas, attention_png):
     return str(png), attention_png and str(attention_png)
 
 
+class Later:
+    """A call made when its result is asked for (as a worker's future would be)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
 class Outputs:
     """Every output a run asked for. `todo` picks the photos still to do, `submit` hands one finished photo
     over without waiting, `close` waits for everything to be written."""
@@ -178,7 +188,10 @@ class Outputs:
         self.failures = []
         # One drawing process: on a 2-core machine the encoder keeps the other core (and a half) busy.
         # spawn, not fork: a forked copy of a process running torch's threads can deadlock.
-        self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if cfg.png else None
+        # One photo is drawn in this process: starting a worker would cost more than the drawing.
+        self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if cfg.png and not single else None
+        if cfg.png and not single:
+            self.png_out.mkdir(parents=True, exist_ok=True)   # a file in the way fails the run at once, in one line
         self.queue = queue.Queue(maxsize=512)   # bounded: a slow disk holds the run back, not memory
         self.thread = threading.Thread(target=self._write_all, name="outputs", daemon=True)
         self.thread.start()
@@ -209,11 +222,12 @@ class Outputs:
     def submit(self, photo, result):
         """Queue one captioned photo's outputs (the PNG starts drawing now, in the worker)."""
         drawing = None
-        if self.pool:
+        if self.cfg.png:
             png = self.png_path(photo)
             att = png.with_name(png.stem + "_attention.png") if self.cfg.attention and result.alphas is not None \
                 else None
-            drawing = self.pool.submit(_draw, str(photo.path), result.captions, png, result.words, result.alphas, att)
+            job = (_draw, str(photo.path), result.captions, png, result.words, result.alphas, att)
+            drawing = self.pool.submit(*job) if self.pool else Later(*job)
         self.queue.put((photo, result, drawing))
 
     def _write_all(self):
@@ -225,7 +239,8 @@ class Outputs:
 
     def _fail(self, message):
         self.failures.append(message)
-        warn(message)
+        if not self.single:   # one photo's failure is the run's: caption_files raises it as the one line
+            warn(message)
 
     def _write(self, photo, result, drawing):
         caption, ok = result.captions[0], True

@@ -7,7 +7,7 @@ emits <unk>, <pad> or <start>, never ends on the first word, can forbid repeatin
 finished captions by log-probability divided by length**alpha (so that short captions are not favoured
 just for having fewer terms in the sum). Greedy search is beam search with K = 1.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -232,8 +232,16 @@ def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=Fa
         return beam_search(decoder, features, cfg, keep_alphas)
     if cfg.diversity != "sample":
         raise ValueError(f"unknown diversity '{cfg.diversity}' (expected 'sample' or 'beam')")
-    first = beam_search(decoder, features, replace(cfg, num_captions=1), keep_alphas)
-    return [f + others for f, others in zip(first, diverse_samples(decoder, features, cfg, first))]
+    beams = beam_search(decoder, features, cfg, keep_alphas)
+    first = [b[:1] for b in beams]
+    out = []
+    for f, others, rest in zip(first, diverse_samples(decoder, features, cfg, first), beams):
+        chosen = f + others
+        seen = {tuple(h.tokens) for h in chosen}
+        # Too few samples that differ (a model that is sure of itself): the next beams fill the list.
+        chosen += [h for h in rest[1:] if tuple(h.tokens) not in seen][:cfg.num_captions - len(chosen)]
+        out.append(chosen)
+    return out
 
 
 @torch.inference_mode()

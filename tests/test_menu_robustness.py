@@ -109,21 +109,21 @@ def test_any_encoder_answer_is_one_line_and_the_menu_goes_on(tiny, tmp_path, scr
 
 
 def test_ctrl_c_during_work_returns_to_the_menu(tiny, tmp_path, scripted_menu, monkeypatch):
-    import captioning.train as train_module
+    import captioning.prepare as prepare_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_module, "prepare", interrupted)   # e.g. during the feature extraction
+    monkeypatch.setattr(prepare_module, "prepare", interrupted)   # e.g. during the feature extraction
     code, out = scripted_menu(["2", str(tiny.data), "", "7"], "--workdir", tmp_path)
     assert code == 0 and "Cancelled; back to the menu." in out and out.count("Choose") == 2
 
 
 def test_menu_errors_are_one_line_unless_debug(tiny, tmp_path, scripted_menu, monkeypatch):
-    import captioning.train as train_module
+    import captioning.prepare as prepare_module
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nmore detail")
-    monkeypatch.setattr(train_module, "prepare", bug)
+    monkeypatch.setattr(prepare_module, "prepare", bug)
     code, out = scripted_menu(["2", str(tiny.data), "", "7"], "--workdir", tmp_path)
     assert code == 0 and "Traceback" not in out
     [line] = [l for l in out.splitlines() if "error:" in l]
