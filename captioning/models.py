@@ -12,19 +12,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from .config import ModelConfig  # noqa: F401 (declared with every other setting)
+from .utils import registry
 from .vocab import START
 
 
 DECODERS = {}
 
 
-def register(name):
-    """Class decorator: makes a decoder available by name to every command, the menu and the dashboard."""
-    def add(cls):
-        cls.name = name
-        DECODERS[name] = cls
-        return cls
-    return add
+register = registry(DECODERS)
 
 
 def build_decoder(cfg: ModelConfig):

@@ -20,17 +20,13 @@ from .models import caption_loss
 from .rewards import CiderD
 from .search import SearchConfig, beam_search, sample
 from .store import load_unique
+from .utils import registry
 from .vocab import END, PAD
 
 OBJECTIVES = {}
 
 
-def register(name):
-    def add(cls):
-        cls.name = name
-        OBJECTIVES[name] = cls
-        return cls
-    return add
+register = registry(OBJECTIVES)
 
 
 def build_objective(cfg, decoder, data):

@@ -14,6 +14,7 @@ Under torchrun (captioning/distributed.py) every rank trains on its part of each
 DistributedDataParallel; rank 0 alone scores the dev split, shares the scores and writes the files.
 """
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -169,6 +170,7 @@ def scst_init_path(workdir, init_from):
 
 
 def setup(data_dir, workdir, cfg, spec, extract_cfg, resume):
+    cfg = copy.deepcopy(cfg)   # filled in below (model sizes, the SCST start): never the caller's object
     device = pick_device(extract_cfg.device)
     ckpt, resuming, cfg, spec = starting_point(workdir, cfg, spec, resume)
     spec = concrete_spec(spec)

@@ -192,3 +192,15 @@ def exit_process(code):
         except (OSError, ValueError):   # a closed pipe: nothing more can be shown anyway
             pass
     os._exit(code)
+
+
+def registry(table):
+    """A class decorator factory that adds classes to `table` by name (the decoders, the objectives):
+    `@register("name")` makes a class available to every command, the menu and the tests."""
+    def register(name):
+        def add(cls):
+            cls.name = name
+            table[name] = cls
+            return cls
+        return add
+    return register
