@@ -27,6 +27,7 @@ import torch
 from bench.extract_speed import limit
 from captioning.captioner import SEARCH_BATCH, Captioner, caption_files
 from captioning.features import Preprocess
+from captioning import render  # noqa: F401 (today() swaps it for the old one)
 from captioning.outputs import OutputConfig
 from captioning.search import SearchConfig
 
