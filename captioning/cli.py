@@ -68,6 +68,20 @@ def library_options(p):
                    "does this anyway), or whose sidecars and PNG exist")
 
 
+def dashboard_options(p):
+    p.add_argument("--model", help="checkpoint to start with (default: models/best.pt in the workdir)")
+    p.add_argument("--image", help="a photo or folder to show at start, without uploading")
+    p.add_argument("--port", type=positive_int, default=8501, help="the local web port (default 8501)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
+                   "computer only; 0.0.0.0 is every network it is on)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="a folder whose photos the "
+                   "page may read by path (repeatable); beyond this computer there is no path box without it")
+    p.add_argument("--password", nargs="?", const="", metavar="TEXT", help="ask visitors for this password "
+                   f"first (no TEXT: typed at the terminal; or set {PASSWORD_ENV})")
+    p.add_argument("--headless", action="store_true", help="do not open a browser (e.g. on a server)")
+    p.add_argument("--no-segmentation", action="store_true", help="start with the segmentation view off")
+
+
 def build_parser():
     common = common_options(defaults=False)
     parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common_options()],
@@ -121,19 +135,8 @@ def build_parser():
     p.add_argument("--images", type=positive_int, default=600, help="images to generate (default 600)")
     p.add_argument("--epochs", type=positive_int, default=8)
 
-    p = sub.add_parser("dashboard", parents=[common], help="caption photos in the browser (a Streamlit app; "
-                       "pip install -r requirements-dashboard.txt)")
-    p.add_argument("--model", help="checkpoint to start with (default: models/best.pt in the workdir)")
-    p.add_argument("--image", help="a photo or folder to show at start, without uploading")
-    p.add_argument("--port", type=positive_int, default=8501, help="the local web port (default 8501)")
-    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
-                   "computer only; 0.0.0.0 is every network it is on)")
-    p.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="a folder whose photos the "
-                   "page may read by path (repeatable); beyond this computer there is no path box without it")
-    p.add_argument("--password", nargs="?", const="", metavar="TEXT", help="ask visitors for this password "
-                   f"first (no TEXT: typed at the terminal; or set {PASSWORD_ENV})")
-    p.add_argument("--headless", action="store_true", help="do not open a browser (e.g. on a server)")
-    p.add_argument("--no-segmentation", action="store_true", help="start with the segmentation view off")
+    dashboard_options(sub.add_parser("dashboard", parents=[common], help="caption photos in the browser (a "
+                                    "Streamlit app; pip install -r requirements-dashboard.txt)"))
     return parser
 
 

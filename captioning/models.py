@@ -126,13 +126,19 @@ class GridDecoder(Decoder):
     pass that runs each step only on the captions still going."""
     uses_grid = True
 
-    def _grid(self, cfg):
-        c = cfg.context_dim or cfg.feat_dim
+    def __init__(self, cfg: ModelConfig):
+        """The layers both attention decoders have, in the order the built-in model's parameters were made
+        (an optimizer state in a checkpoint lists them by position)."""
+        super().__init__()
+        self.cfg = cfg
+        self.norm = FeatureNorm(cfg.feat_dim)
+        c = self.context = cfg.context_dim or cfg.feat_dim
         # Projecting the (1280- or 2048-channel) grid once per image makes every word's attention and LSTM
         # input several times cheaper; on a CPU that is most of an epoch's time.
         self.project = (nn.Sequential(nn.Linear(cfg.feat_dim, c), nn.ReLU(), nn.Dropout(cfg.dropout))
                         if cfg.context_dim else nn.Identity())
-        return c
+        h, a = cfg.hidden_dim, cfg.attention_dim
+        self.enc_att, self.dec_att, self.full_att = nn.Linear(c, a), nn.Linear(h, a), nn.Linear(a, 1)
 
     def _attention(self, state, query):
         """Soft attention of `query` [B, A] (already projected) over the cells: (context [B, C], alpha [B, P])."""
@@ -182,12 +188,8 @@ class AttentionDecoder(GridDecoder):
     per_image = ("feats", "proj")
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        e, h, a = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
-        self.norm = FeatureNorm(cfg.feat_dim)
-        c = self._grid(cfg)
-        self.enc_att, self.dec_att, self.full_att = nn.Linear(c, a), nn.Linear(h, a), nn.Linear(a, 1)
+        super().__init__(cfg)
+        e, h, c = cfg.embed_dim, cfg.hidden_dim, self.context
         self.init_h, self.init_c = nn.Linear(c, h), nn.Linear(c, h)
         self.gate = nn.Linear(h, c)
         self.embed = nn.Embedding(cfg.vocab_size, e, padding_idx=0)
@@ -219,12 +221,8 @@ class UpDownDecoder(GridDecoder):
     per_image = ("feats", "proj", "mean")
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        e, h, a = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
-        self.norm = FeatureNorm(cfg.feat_dim)
-        c = self._grid(cfg)
-        self.enc_att, self.dec_att, self.full_att = nn.Linear(c, a), nn.Linear(h, a), nn.Linear(a, 1)
+        super().__init__(cfg)
+        e, h, c = cfg.embed_dim, cfg.hidden_dim, self.context
         self.embed = nn.Embedding(cfg.vocab_size, e, padding_idx=0)
         self.att_cell = nn.LSTMCell(h + c + e, h)
         self.lang_cell = nn.LSTMCell(c + h, h)
