@@ -97,9 +97,13 @@ class TrainConfig:
     min_count: int = setting(5, "words seen fewer times in train become <unk>", "positive")
     max_words: int = setting(30, "longer training captions are truncated", "positive")
     patience: int = setting(4, "stop after this many epochs without a better dev CIDEr-D", "positive")
-    lr_patience: int = setting(1, "halve the learning rate after this many epochs without a better dev CIDEr-D",
+    lr_schedule: str = setting("plateau", "plateau: halve the learning rate when dev CIDEr-D stalls; cosine: "
+                                          "decay it towards 0 over --epochs", choices=["plateau", "cosine"])
+    lr_patience: int = setting(1, "plateau: halve the learning rate after this many epochs without a better dev CIDEr-D",
                                "positive")
     dev_images: int = setting(1000, "dev images captioned and scored after each epoch", "positive")
+    flip: bool = setting(False, "each epoch, train on each image's features or on its mirror image's, at random "
+                                "(extracts the mirror images' features once)", action=argparse.BooleanOptionalAction)
     seed: int = 0                  # the common --seed
     objective: str = setting("xe", "xe: cross-entropy; scst: self-critical CIDEr-D training, continuing from a "
                                    "trained model", choices=["xe", "scst"])
@@ -131,6 +135,7 @@ class ExtractConfig:
     calibrate: bool | None = None      # None: when at least tuning.CALIBRATE_MIN_IMAGES images are to be done
     device: str = "auto"               # the common --device
     flush_every_s: float = 10.0        # how much work a kill can cost at most
+    mirror: bool = False               # encode each photo's mirror image (the training augmentation --flip)
 
 
 # --- deriving the command line --------------------------------------------------------------------------

@@ -62,8 +62,8 @@ class Preprocess:
     uint8 is a quarter of the bytes to move between threads, processes or to the GPU, and a batch of
     [B, H, W, 3] uint8 permuted to [B, 3, H, W] already is channels_last, the CPU's fast layout."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, mirror=False):
+        self.transform, self.mirror = transform, mirror
         self.split = all(hasattr(transform, a) for a in ("resize_size", "crop_size", "mean", "std", "interpolation"))
         self.crop = int(transform.crop_size[0])
         self.draft = draft_size_for(transform)
@@ -92,6 +92,8 @@ class Preprocess:
             x = x.permute(0, 3, 1, 2)
             x = TF.normalize(TF.convert_image_dtype(x, torch.float), self.transform.mean, self.transform.std,
                              inplace=True)
+        if self.mirror:
+            x = x.flip(-1)   # [B, 3, H, W]: left and right swapped
         return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -183,13 +185,36 @@ def _torch_threads(n):
             torch.set_num_threads(before)
 
 
+@dataclass
+class _Slice:
+    """The rows one process writes, [start, len(paths)), and the marker that records how far it got
+    (progress.json, or under torchrun a rank's own)."""
+    paths: list
+    start: int
+    marker: object
+    progress: dict
+    bad: list
+
+
+@dataclass
+class _Encoder:
+    """The folded CNN and how it runs here."""
+    trunk: torch.nn.Module
+    prep: Preprocess
+    settings: Settings
+    device: torch.device
+    label: str
+    share: object = None    # CpuShare: follow other programs' load on the CPU, or None
+    wanted: int = 1         # compute threads when the CPU is free
+
+
 def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = ExtractConfig()):
     """Encode every image in `paths` once; reuse or resume the cache when it exists. Returns a FeatureStore."""
     paths = [str(p) for p in paths]
     spec = concrete_spec(spec)
     if not paths:
         raise CaptioningError("There are no images to extract features from.")
-    folder = cache_dir_for(workdir, spec, paths)
+    folder = cache_dir_for(workdir, spec, paths, cfg.mirror)
     progress_file = folder / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else None
     sharded = distributed.world_size() > 1   # under torchrun: each rank extracts one slice of the rows
@@ -199,58 +224,69 @@ def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = Ext
     if progress and progress.get("complete"):
         console.print(f"Reusing cached features: {folder}")
         return open_store(folder)
-
-    device = pick_device(cfg.device)
-    share = CpuShare() if cfg.threads is None and device.type == "cpu" and not sharded else None  # measures now
     if sharded and cfg.calibrate is None:
         # Ranks must batch alike (and each rank's peers would look like other programs' load to a
         # calibration): under torchrun, the given, remembered or default settings.
         cfg = replace(cfg, calibrate=False)
+    device = pick_device(cfg.device)
+    share = CpuShare() if cfg.threads is None and device.type == "cpu" and not sharded else None  # measures now
     trunk, transform = build_encoder(spec)
-    trunk = fold_batchnorm(trunk).to(device)
-    prep = Preprocess(transform)
+    enc = _Encoder(fold_batchnorm(trunk).to(device), Preprocess(transform, cfg.mirror), None, device,
+                   spec.name + (" (mirror images)" if cfg.mirror else ""), share, cfg.threads or torch.get_num_threads())
     start = progress["done"] if progress else 0
-    wanted = cfg.threads or torch.get_num_threads()
-    threads = share.threads(wanted) if share else wanted
-    if threads < wanted:
-        console.print(f"Other programs are keeping the CPU busy: extracting with {threads} of {wanted} threads.")
+    threads = share.threads(enc.wanted) if share else enc.wanted
+    if threads < enc.wanted:
+        console.print(f"Other programs are keeping the CPU busy: extracting with {threads} of {enc.wanted} threads.")
     with _torch_threads(threads):
-        settings = choose_settings(cfg, device, spec.name, trunk, prep.crop, workdir, len(paths) - start,
-                                   busy=threads < wanted)
-        if settings.workers:
-            share = None  # worker processes' CPU time would look like other programs' load
-        _set_format(trunk, settings.channels_last)
-        channels, cells, hw = _probe_shape(trunk, prep.crop, device, settings.channels_last)
+        enc.settings = choose_settings(cfg, device, spec.name, enc.trunk, enc.prep.crop, workdir, len(paths) - start,
+                                       busy=threads < enc.wanted)
+        if enc.settings.workers:
+            enc.share = None  # worker processes' CPU time would look like other programs' load
+        _set_format(enc.trunk, enc.settings.channels_last)
+        progress = _allocate(folder, paths, progress, spec, enc)
+        part = _my_slice(folder, paths, progress, enc.settings, sharded)
+        console.print(f"[dim]Batches of {enc.settings.batch_size}{', channels_last' if enc.settings.channels_last else ''}"
+                      f", {_decoding(enc.settings)}, {enc.settings.threads} compute thread(s) ({enc.settings.source}).[/]")
+        if part.start > (part.progress.get("start", 0)):
+            console.print(f"Resuming feature extraction at image {part.start:,} of {len(paths):,}.")
+        _run(part, enc, folder, cfg.flush_every_s)
+    return _finish(folder, len(paths), enc.settings.batch_size, sharded)
 
-        folder.mkdir(parents=True, exist_ok=True)
-        if progress is None and distributed.is_main():  # a fresh cache: allocate, then record 0 rows done
-            atomic_write_json(folder / "images.json", paths)
-            np.lib.format.open_memmap(folder / "grid.npy", "w+", np.float16, (len(paths), cells, channels)).flush()
-            np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float16, (len(paths), channels)).flush()
-            progress = {"version": CACHE_VERSION, "encoder": spec.to_dict(), "done": 0, "bad": [],
-                        "grid_hw": list(hw), "complete": False}
-            atomic_write_json(progress_file, progress)
-        distributed.barrier()  # the files exist before any rank writes into them
-        lo, hi, marker = 0, len(paths), progress_file
-        if sharded:  # rows [lo, hi), whole batches, with their own progress marker (resumable on their own)
-            distributed.check_same(settings.batch_size, "The processes of this job chose different batch sizes; "
-                                   "pass --extract-batch-size.")
-            lo, hi = distributed.shard_range(len(paths), align=settings.batch_size)
-            marker = folder / f"progress-{lo}-{hi}.json"
-            progress = json.loads(marker.read_text()) if marker.exists() else {"start": lo, "stop": hi, "done": lo,
-                                                                                "bad": []}
-            start = progress["done"]
-        bad = list(progress["bad"])
-        console.print(f"[dim]Batches of {settings.batch_size}{', channels_last' if settings.channels_last else ''}, "
-                      f"{_decoding(settings)}, {settings.threads} compute thread(s) ({settings.source}).[/]")
-        if start > lo:
-            console.print(f"Resuming feature extraction at image {start:,} of {len(paths):,}.")
-        _run(paths[:hi], start, trunk, prep, settings, device, folder, marker, progress, bad, cfg.flush_every_s,
-             spec.name, share, wanted)
+
+def _allocate(folder, paths, progress, spec, enc):
+    """A fresh cache's files, full size, with 0 rows recorded done (rank 0); the progress it starts from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    channels, cells, hw = _probe_shape(enc.trunk, enc.prep.crop, enc.device, enc.settings.channels_last)
+    if progress is None and distributed.is_main():
+        atomic_write_json(folder / "images.json", paths)
+        np.lib.format.open_memmap(folder / "grid.npy", "w+", np.float16, (len(paths), cells, channels)).flush()
+        np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float16, (len(paths), channels)).flush()
+        progress = {"version": CACHE_VERSION, "encoder": spec.to_dict(), "done": 0, "bad": [],
+                    "grid_hw": list(hw), "complete": False}
+        atomic_write_json(folder / "progress.json", progress)
+    distributed.barrier()  # the files exist before any rank writes into them
+    return progress or json.loads((folder / "progress.json").read_text())
+
+
+def _my_slice(folder, paths, progress, settings, sharded):
+    """All rows for one process; under torchrun rows [lo, hi) in whole batches, with their own progress
+    marker (resumable on their own)."""
+    if not sharded:
+        return _Slice(paths, progress["done"], folder / "progress.json", progress, list(progress["bad"]))
+    distributed.check_same(settings.batch_size, "The processes of this job chose different batch sizes; "
+                           "pass --extract-batch-size.")
+    lo, hi = distributed.shard_range(len(paths), align=settings.batch_size)
+    marker = folder / f"progress-{lo}-{hi}.json"
+    mine = json.loads(marker.read_text()) if marker.exists() else {"start": lo, "stop": hi, "done": lo, "bad": []}
+    return _Slice(paths[:hi], mine["done"], marker, mine, list(mine["bad"]))
+
+
+def _finish(folder, n_rows, batch_size, sharded):
+    """The finished store; under torchrun once every rank's slice is written."""
     if sharded:
         distributed.barrier()  # every slice is written
         if distributed.is_main():
-            _merge_slices(folder, len(paths), settings.batch_size)
+            _merge_slices(folder, n_rows, batch_size)
         distributed.barrier()
     else:
         _drop_slice_markers(folder)
@@ -280,36 +316,35 @@ def _drop_slice_markers(folder):
         f.unlink(missing_ok=True)
 
 
-def _run(paths, start, trunk, prep, settings, device, folder, marker, progress, bad, flush_every_s, name, share,
-         wanted):
-    """Rows `start` to len(paths) into the cache; `marker` (progress.json, or a rank's own) records how far."""
+def _run(part: _Slice, enc: _Encoder, folder, flush_every_s):
+    """Rows `part.start` to len(part.paths) into the cache; `part.marker` records how far."""
     grid, pooled = RowWriter(folder / "grid.npy"), RowWriter(folder / "pooled.npy")
 
     def checkpoint(done, complete=False):
         grid.flush()
         pooled.flush()  # rows reach the disk before the marker says they exist
-        atomic_write_json(marker, {**progress, "done": done, "bad": bad, "complete": complete})
+        atomic_write_json(part.marker, {**part.progress, "done": done, "bad": part.bad, "complete": complete})
 
-    done, last_flush = start, time.monotonic()
+    paths, done, last_flush = part.paths, part.start, time.monotonic()
     last_share = last_flush
-    batches = image_batches(paths, start, prep, settings, device)
+    batches = image_batches(paths, part.start, enc.prep, enc.settings, enc.device)
     try:
-        with make_progress() as bar, torch.inference_mode(), _autocast(device):
-            task = add_task(bar, f"Extracting {name}", len(paths), unit="img")
-            bar.update(task, completed=start)
+        with make_progress() as bar, torch.inference_mode(), _autocast(enc.device):
+            task = add_task(bar, f"Extracting {enc.label}", len(paths), unit="img")
+            bar.update(task, completed=part.start)
             for rows, images, ok in batches:
-                g = trunk(prep.batch(images, device, settings.channels_last)).flatten(2).transpose(1, 2)
-                g = g.float()                                              # [B, h*w, C]
+                g = enc.trunk(enc.prep.batch(images, enc.device, enc.settings.channels_last)).flatten(2)
+                g = g.transpose(1, 2).float()                              # [B, h*w, C]
                 grid.write(rows[0], g.to(torch.float16).cpu().numpy())
                 pooled.write(rows[0], g.mean(1).to(torch.float16).cpu().numpy())
-                bad += [paths[r] for r, good in zip(rows, ok) if not good]
+                part.bad += [paths[r] for r, good in zip(rows, ok) if not good]
                 done = rows[-1] + 1
                 advance_task(bar, task, len(rows))
                 if time.monotonic() - last_flush > flush_every_s:
                     checkpoint(done)
                     last_flush = time.monotonic()
-                if share and time.monotonic() - last_share > SHARE_EVERY_S:
-                    torch.set_num_threads(share.threads(wanted))  # others started or stopped meanwhile
+                if enc.share and time.monotonic() - last_share > SHARE_EVERY_S:
+                    torch.set_num_threads(enc.share.threads(enc.wanted))  # others started or stopped meanwhile
                     last_share = time.monotonic()
         checkpoint(done, complete=True)
     finally:

@@ -11,7 +11,7 @@ A finished cache is read memory-mapped: training touches the rows of each batch,
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +23,14 @@ from .utils import CaptioningError
 CACHE_VERSION = 1
 
 
-def cache_dir_for(workdir, spec: EncoderSpec, paths):
+def cache_dir_for(workdir, spec: EncoderSpec, paths, mirror=False):
     """Same encoder and same images → same folder, so every command reuses one extraction."""
-    key = [CACHE_VERSION, spec.to_dict(), [str(p) for p in paths]]
+    key = [CACHE_VERSION, spec.to_dict(), [str(p) for p in paths]] + (["mirror"] if mirror else [])
     if spec.weights_path and os.path.exists(spec.weights_path):
         st = os.stat(spec.weights_path)   # a weights file replaced in place must not reuse old features
         key.append([st.st_size, st.st_mtime_ns])
     h = hashlib.sha1(json.dumps(key).encode()).hexdigest()
-    return Path(workdir) / "cache" / f"{spec.name}-{h[:12]}"
+    return Path(workdir) / "cache" / f"{spec.name}{'-mirror' if mirror else ''}-{h[:12]}"
 
 
 @dataclass
@@ -88,6 +88,32 @@ class RowWriter:
 
     def close(self):
         self.file.close()
+
+
+class Mixed:
+    """Rows of one array or of another, as `second[row]` says: the features of each photo or of its
+    mirror image, drawn anew each epoch (a training augmentation). Reads like the memory-mapped array."""
+
+    def __init__(self, first, second_array, second):
+        self.first, self.second_array, self.second = first, second_array, second   # second: bool [N]
+
+    @property
+    def shape(self):
+        return self.first.shape
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
+        flip = self.second[rows]
+        out = np.empty((len(rows),) + self.first.shape[1:], self.first.dtype)
+        out[~flip] = self.first[rows[~flip]]
+        out[flip] = self.second_array[rows[flip]]
+        return out
+
+
+def mixed_store(store, mirror, flipped):
+    """`store` with each row where `flipped` is set read from `mirror` (the same images, mirrored)."""
+    return replace(store, grid=Mixed(store.grid, mirror.grid, flipped),
+                   pooled=Mixed(store.pooled, mirror.pooled, flipped))
 
 
 # --- reading rows for training and search ---------------------------------------------------------

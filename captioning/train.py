@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,13 +29,13 @@ from .config import ExtractConfig, ModelConfig, SearchConfig, TrainConfig
 from .checkpoint import find_model, load_checkpoint, models_dir, save_checkpoint, training_checkpoint
 from .encoders import EncoderSpec, concrete_spec
 from .evaluate import score_captions
-from .features import pick_device
+from .features import extract_features, pick_device
 from .models import build_decoder, caption_loss
 from .objectives import (build_objective, decoder_loss, image_batches, length_buckets,  # noqa: F401 (re-exported)
                          make_batches)
 from .prepare import CaptionData, encode_split, prepare  # noqa: F401 (re-exported)
 from .search import beam_search
-from .store import feature_stats, load_features, load_unique
+from .store import feature_stats, load_features, load_unique, mixed_store
 from .utils import CaptioningError, add_task, advance_task, console, make_progress, temp_path_for
 from .vocab import Vocabulary
 
@@ -53,6 +53,23 @@ def make_optimizer(params, cfg):
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError):   # torch < 2.4 on CPU, or a device without the fused kernel
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg):
+    """plateau: halve the learning rate when dev CIDEr-D stalls. cosine: from the full rate down towards 0
+    over the planned epochs, one step an epoch (the halvings of a plateau run come late, and each one
+    raised dev CIDEr-D at once)."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda done: 0.5 * (1 + math.cos(math.pi * min(done, cfg.epochs) / cfg.epochs)))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=cfg.lr_patience)
+
+
+def step_scheduler(scheduler, score):
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(score)
+    else:
+        scheduler.step()
 
 
 def amp_dtype(device, amp):
@@ -119,6 +136,7 @@ class Run:
     scheduler: object
     scaler: object
     generator: torch.Generator
+    mirror: object = None          # the mirror images' features (--flip), or None
     history: list = field(default_factory=list)
     start_epoch: int = 1
     best: float = float("-inf")
@@ -175,6 +193,7 @@ def setup(data_dir, workdir, cfg, spec, extract_cfg, resume):
     ckpt, resuming, cfg, spec = starting_point(workdir, cfg, spec, resume)
     spec = concrete_spec(spec)
     _, records, store = prepare(data_dir, workdir, spec, extract_cfg)
+    mirror = extract_features(store.paths, spec, workdir, replace(extract_cfg, mirror=True)) if cfg.flip else None
     splits = {s: [r for r in records if r.split == s] for s in ("train", "val")}
     if not splits["train"] or not splits["val"]:
         raise CaptioningError("The dataset needs images in both its train and validation splits to train.")
@@ -197,12 +216,11 @@ def setup(data_dir, workdir, cfg, spec, extract_cfg, resume):
     if cfg.compile:
         model = torch.compile(model, dynamic=True)  # caption lengths vary: one graph for all shapes
     optimizer = make_optimizer(decoder.parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                           patience=cfg.lr_patience)
+    scheduler = make_scheduler(optimizer, cfg)
     amp = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     run = Run(cfg, spec, device, models_dir(workdir), store, splits, vocab, train_data, val_data, decoder,
-              objective, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(cfg.seed))
+              objective, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(cfg.seed), mirror)
     if resuming:
         restore(run, ckpt)
     announce(run, amp)
@@ -273,7 +291,7 @@ def run_epochs(run):
             stat = train_epoch(run, epoch)
             scores = evaluate_epoch(run)
             val_loss = scores.pop("val_loss")
-            run.scheduler.step(scores["CIDEr-D"])
+            step_scheduler(run.scheduler, scores["CIDEr-D"])
             improved = scores["CIDEr-D"] > run.best
             run.best = max(run.best, scores["CIDEr-D"])
             run.history.append({"epoch": epoch, run.objective.stat: stat, "val_loss": val_loss, **scores,
@@ -309,6 +327,7 @@ def train_epoch(run, epoch):
     or reward per sample). Under torchrun every rank builds the same global batches (same generator, same
     seed) and trains on its own part."""
     run.model.train()
+    store = epoch_features(run, epoch)
     world = distributed.world_size()
     batches = run.objective.batches(run.generator, world)
     amp = amp_dtype(run.device, run.cfg.amp)
@@ -319,7 +338,7 @@ def train_epoch(run, epoch):
             if epoch == run.start_epoch and i == ESTIMATE_AFTER < len(batches):
                 announce_epoch_time((time.time() - t0) / i * len(batches))
             with torch.autocast(run.device.type, dtype=amp) if amp else contextlib.nullcontext():
-                loss, value, n = run.objective.loss(run.model, run.store, idx, run.device)
+                loss, value, n = run.objective.loss(run.model, store, idx, run.device)
             norm = optimizer_step(loss, run.optimizer, run.decoder.parameters(), run.cfg.clip, run.scaler)
             # The gradient norm is the same on every rank: a NaN anywhere stops all ranks at the same step.
             # (With fp16's GradScaler an infinite gradient only skips the step.)
@@ -329,6 +348,15 @@ def train_epoch(run, epoch):
             advance_task(bar, task, info=f"{run.objective.stat.split('_')[1]} {total / max(count, 1e-9):.3f}")
     total, count = distributed.all_sum(total, count)
     return total / max(count, 1)
+
+
+def epoch_features(run, epoch):
+    """The features an epoch trains on: with --flip each image's own or its mirror image's, drawn from the
+    seed and the epoch (a resumed run draws the same; every rank the same)."""
+    if run.mirror is None:
+        return run.store
+    g = torch.Generator().manual_seed(run.cfg.seed * 100_003 + epoch)
+    return mixed_store(run.store, run.mirror, (torch.rand(len(run.store.paths), generator=g) < 0.5).numpy())
 
 
 ESTIMATE_AFTER = 20   # batches timed before saying how long an epoch takes

@@ -11,7 +11,7 @@ from captioning.config import ExtractConfig, ModelConfig, SearchConfig, TrainCon
 # Filled in by the code, or given by a common option (--seed, --device): not options of their own.
 INTERNAL = {ModelConfig: {"vocab_size", "feat_dim"}, SearchConfig: {"block_trigrams", "seed"},
             TrainConfig: {"seed", "model"},
-            ExtractConfig: {"channels_last", "threads", "decode_threads", "calibrate", "device", "flush_every_s"}}
+            ExtractConfig: {"channels_last", "threads", "decode_threads", "calibrate", "device", "flush_every_s", "mirror"}}
 COMMANDS = {"train": [TrainConfig, ModelConfig, ExtractConfig], "extract": [ExtractConfig],
             "caption": [SearchConfig], "evaluate": [SearchConfig]}
 NOT_IN = {("evaluate", "num_captions"), ("evaluate", "diversity"), ("evaluate", "top_p")}   # scores caption 1

@@ -203,3 +203,19 @@ def test_torchrun_slices_resume_and_merge_into_the_single_process_cache(referenc
     assert np.array_equal(store.grid, reference.grid) and np.array_equal(store.pooled, reference.pooled)
     assert (folder / "progress.json").read_bytes() == (reference.folder / "progress.json").read_bytes()
     assert not list(folder.glob("progress-*.json"))
+
+
+def test_mirror_features_are_the_trunks_output_for_the_flipped_photos(reference, paths, tmp_path):
+    """ExtractConfig(mirror=True) (what train --flip asks for) fills its own cache folder with the features
+    of each photo mirrored left to right, and leaves the plain cache as it was."""
+    from dataclasses import replace
+    mirror = extract_features(paths, SPEC, reference.folder.parents[1], replace(CFG, mirror=True))
+    assert mirror.folder != reference.folder and mirror.paths == reference.paths
+    trunk, transform = build_encoder(SPEC)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[:6]])
+    with torch.inference_mode():
+        flipped = trunk(x.flip(-1)).flatten(2).transpose(1, 2).numpy()
+        plain = trunk(x).flatten(2).transpose(1, 2).numpy()
+    assert_close_fp16(mirror.grid[:6], flipped)
+    assert np.abs(flipped - plain).max() > 0.1 * np.abs(plain).max()   # the photos are not symmetric
+    assert_close_fp16(open_store(reference.folder).grid[:6], plain)

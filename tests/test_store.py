@@ -75,3 +75,21 @@ def test_cache_folder_is_keyed_by_encoder_and_images(tmp_path):
     assert a != cache_dir_for(tmp_path, EncoderSpec("resnet18"), ["b.jpg", "a.jpg"])
     assert a != cache_dir_for(tmp_path, EncoderSpec("mobilenet_v2"), ["a.jpg", "b.jpg"])
     assert a.parent == tmp_path / "cache" and a.name.startswith("resnet18-")
+
+
+def test_mixed_store_reads_each_row_from_the_view_its_flag_names(tmp_path):
+    """The --flip augmentation: a row flagged reads the mirror cache's row, the others the plain one,
+    through the same readers training uses (repeated and unsorted rows included)."""
+    from captioning.store import mixed_store
+    rng = np.random.default_rng(0)
+    plain = make_cache(tmp_path / "plain", rng.normal(size=(6, 4, 3)).astype(np.float16))
+    mirror = make_cache(tmp_path / "mirror", rng.normal(size=(6, 4, 3)).astype(np.float16))
+    flipped = np.array([True, False, True, False, False, True])
+    mixed = mixed_store(plain, mirror, flipped)
+    rows = torch.tensor([5, 0, 1, 5, 3])
+    for grid, name in ((True, "grid"), (False, "pooled")):
+        got = load_features(mixed, rows, grid, "cpu").numpy()
+        for i, r in enumerate(rows.tolist()):
+            want = getattr(mirror if flipped[r] else plain, name)[r]
+            assert np.array_equal(got[i], want), (name, r)
+    assert mixed.grid.shape == plain.grid.shape and plain.grid is not mixed.grid   # plain store untouched

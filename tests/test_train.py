@@ -82,6 +82,59 @@ def test_resume_continues_to_the_same_result(lstm_model, shapes_data, tmp_path):
         assert torch.allclose(a["decoder_state"][k], b["decoder_state"][k], atol=1e-5), k
 
 
+def test_flip_and_cosine_training_resumes_to_the_same_result(lstm_model, shapes_data, tmp_path, monkeypatch):
+    """--flip (each epoch's own draw of mirror images) and --lr-schedule cosine resume exactly after a
+    Ctrl-C, and the mirror features really are trained on (the losses differ from a run without them)."""
+    import captioning.train as train_mod
+    from captioning.demo import demo_configs
+    from captioning.features import ExtractConfig
+    from captioning.train import train
+
+    def run(name, flip=True, resume=False):
+        work = tmp_path / name
+        if not work.exists():
+            copy_cache(lstm_model[0], work)
+        spec, cfg = demo_configs(epochs=2)
+        cfg.model.decoder, cfg.model.hidden_dim, cfg.model.embed_dim = "lstm", 64, 32
+        cfg.flip, cfg.lr_schedule = flip, "cosine"
+        train(shapes_data, work, cfg, spec, ExtractConfig(device="cpu"), resume=resume)
+        return torch.load(work / "models" / "last.pt", weights_only=True)
+
+    straight, plain = run("straight"), run("plain", flip=False)
+    real_epoch = train_mod.train_epoch
+    monkeypatch.setattr(train_mod, "train_epoch",
+                        lambda r, epoch: (_ for _ in ()).throw(KeyboardInterrupt) if epoch == 2 else real_epoch(r, epoch))
+    run("split")
+    monkeypatch.setattr(train_mod, "train_epoch", real_epoch)
+    split = run("split", resume=True)
+    assert [h["epoch"] for h in split["history"]] == [1, 2]
+    for ha, hb in zip(straight["history"], split["history"]):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-5)
+        assert ha["lr"] == pytest.approx(hb["lr"])
+    for k in straight["decoder_state"]:
+        assert torch.allclose(straight["decoder_state"][k], split["decoder_state"][k], atol=1e-5), k
+    assert straight["history"][0]["train_loss"] != pytest.approx(plain["history"][0]["train_loss"], rel=1e-4)
+    # cosine: the rate for the next epoch, halfway down after 1 of 2 epochs, 0 after the last
+    assert [h["lr"] for h in straight["history"]] == pytest.approx([cfg_lr() / 2, 0.0])
+
+
+def cfg_lr():
+    from captioning.demo import demo_configs
+    return demo_configs()[1].lr
+
+
+def test_cosine_schedule_falls_from_the_full_rate_towards_zero():
+    from captioning.config import TrainConfig
+    from captioning.train import make_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, lrs = make_scheduler(opt, TrainConfig(epochs=4, lr_schedule="cosine")), []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5)])
+
+
 def test_ctrl_c_keeps_the_finished_epochs(lstm_model, shapes_data, tmp_path, monkeypatch):
     import captioning.train as train_mod
     workdir = copy_cache(lstm_model[0], tmp_path / "w")
