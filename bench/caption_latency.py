@@ -67,8 +67,9 @@ c = Captioner.load(sys.argv[2], device="cpu"); mark("load checkpoint, build deco
 c.encoder(); mark("build encoder (weights from TORCH_HOME)")
 from captioning.encoders import load_image
 img = load_image(sys.argv[1]); mark("load image")
-feats = c.encode([img]); mark("encoder forward")
-hyps = c.search(feats, SearchConfig(beam_size=3)); mark("beam search")
+cfg = SearchConfig()
+feats = c.encode([img], cfg.mirror); mark("encoder forward")
+hyps = c.search(feats, cfg); mark("beam search")
 from captioning.render import save_captioned_image
 save_captioned_image(img, [c.vocab.decode(hyps[0][0].tokens)], sys.argv[3]); mark("render PNG (matplotlib)")
 print(json.dumps([(n, b - a) for (_, a), (n, b) in zip(t, t[1:])]))

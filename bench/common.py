@@ -45,17 +45,24 @@ def flickr_images(n=None):
     return images[:n] if n else images
 
 
-def flickr_cache(encoder="mobilenet_v2"):
-    """A finished Flickr8k feature cache: one of the lead's runs if there is one, else this script's own
-    (bench/.work, extracted by the tool on first use, about a minute for mobilenet_v2)."""
-    for folder in sorted(RUNS.glob(f"*/cache/{encoder}-*")) + sorted(WORK.glob(f"cache/{encoder}-*")):
+def flickr_cache(encoder="mobilenet_v2", mirror=False):
+    """A finished Flickr8k feature cache (of the mirrored photos with `mirror`): one of the lead's runs if
+    there is one, else this script's own (bench/.work, extracted by the tool on first use, about a minute
+    for mobilenet_v2)."""
+    pattern = f"cache/{encoder}-mirror-*" if mirror else f"cache/{encoder}-*"
+    for folder in sorted(RUNS.glob(f"*/{pattern}")) + sorted(WORK.glob(pattern)):
+        if "-mirror-" in folder.name and not mirror:
+            continue
         if (folder / "progress.json").exists() and '"complete": true' in (folder / "progress.json").read_text():
             return folder
     from captioning.encoders import EncoderSpec
-    from captioning.features import ExtractConfig
+    from captioning.features import ExtractConfig, extract_features
     from captioning.prepare import prepare
     print(f"# extracting {encoder} features of Flickr8k into {WORK} (once)", file=sys.stderr)
-    return prepare(FLICKR8K, WORK, EncoderSpec(encoder), ExtractConfig(device="cpu"))[2].folder
+    store = prepare(FLICKR8K, WORK, EncoderSpec(encoder), ExtractConfig(device="cpu"))[2]
+    if mirror:
+        store = extract_features(store.paths, EncoderSpec(encoder), WORK, ExtractConfig(device="cpu", mirror=True))
+    return store.folder
 
 
 def checkpoint(name):

@@ -39,6 +39,7 @@ def run(model, split, n_images, n, top_ps):
     captioner = Captioner.load(model, device="cpu")
     records = load_dataset(FLICKR8K).split(split)[:n_images]
     store = open_store(flickr_cache(captioner.spec.name))
+    mirror = open_store(flickr_cache(captioner.spec.name, mirror=True))   # the default search reads both
     row_of = store.row_of()
     rows = torch.tensor([row_of[str(r.image)] for r in records])
     refs = {str(r.image): r.captions for r in records}
@@ -47,7 +48,8 @@ def run(model, split, n_images, n, top_ps):
         cfg = SearchConfig(num_captions=n, diversity=diversity, top_p=top_p)
         groups = []
         for i in range(0, len(rows), 100):
-            feats = load_features(store, rows[i:i + 100], captioner.decoder.uses_grid, "cpu")
+            feats = torch.cat([load_features(s, rows[i:i + 100], captioner.decoder.uses_grid, "cpu")
+                               for s in (store, mirror)], -1)
             groups += [[captioner.vocab.decode(h.tokens) for h in hs] for hs in captioner.search(feats, cfg)]
         ciders = [cider_of(records, groups, refs, j) for j in range(n)]
         out.append([diversity if diversity == "beam" else f"sample, top-p {top_p}", f"{mean_distance(groups):.3f}", f"{ciders[0]:.3f}",

@@ -12,7 +12,7 @@ from rich.markup import escape
 from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summarize
 from .encoders import EncoderSpec, build_encoder, load_image
 from .features import pick_device
-from .models import Ensemble, ModelConfig, build_decoder
+from .models import Ensemble, MirrorPair, ModelConfig, build_decoder
 from .search import SearchConfig, search
 from .tuning import fold_batchnorm
 from .utils import CaptioningError, add_task, advance_task, console, make_progress
@@ -90,25 +90,30 @@ class Captioner:
         return self._encoder
 
     @torch.inference_mode()
-    def encode(self, images):
-        """PIL images → decoder input: the grid [B, P, C] or its mean [B, C]."""
+    def encode(self, images, mirror=False):
+        """PIL images → decoder input: the grid [B, P, C] or its mean [B, C] (with `mirror`, the mirrored
+        photos' beside them: [B, P, 2C] or [B, 2C], as search with SearchConfig.mirror takes them)."""
         trunk, transform = self.encoder()
         x = torch.stack([transform(im) for im in images]).to(self.device)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.encode_batch(x)
+        return self.encode_batch(x, mirror)
 
     @torch.inference_mode()
-    def encode_batch(self, x):
-        """A ready float batch [B, 3, H, W] → decoder input."""
+    def encode_batch(self, x, mirror=False):
+        """A ready float batch [B, 3, H, W] → decoder input (see encode)."""
         grid = self.encoder()[0](x).flatten(2).transpose(1, 2).float()
         if grid.shape[-1] != self.config.feat_dim:
             raise CaptioningError(f"This model expects {self.config.feat_dim}-channel features but encoder "
                                   f"'{self.spec.name}' gives {grid.shape[-1]}; the checkpoint is inconsistent.")
+        if mirror:
+            grid = torch.cat([grid, self.encoder()[0](x.flip(-1)).flatten(2).transpose(1, 2).float()], -1)
         return grid if self.decoder.uses_grid else grid.mean(1)
 
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
-        return search(self.decoder, features, cfg, keep_alphas=keep_alphas)
+        """`features` as encode(..., mirror=cfg.mirror) gives them."""
+        decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
+        return search(decoder, features, cfg, keep_alphas=keep_alphas)
 
     def results(self, names, hyps):
         out = []
@@ -123,10 +128,10 @@ class Captioner:
 
     def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
         names = names or [""] * len(images)
-        return self.results(names, self.search(self.encode(images), cfg, keep_alphas))
+        return self.results(names, self.search(self.encode(images, cfg.mirror), cfg, keep_alphas))
 
-    def caption(self, image, beam_size=3):
-        """One image (a path or a PIL image) → its caption as text."""
+    def caption(self, image, beam_size=SearchConfig.beam_size):
+        """One image (a path or a PIL image) → its caption as text, with the default search."""
         pil = image if hasattr(image, "convert") else load_image(image)
         return self.caption_pil([pil], SearchConfig(beam_size=beam_size))[0].captions[0]
 
@@ -193,7 +198,7 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workd
             if keep:
                 x = prep.batch(images[keep] if len(keep) < len(ok) else images, captioner.device,
                                settings.channels_last)
-                feats.append(captioner.encode_batch(x))
+                feats.append(captioner.encode_batch(x, cfg.mirror))
                 waiting += [photos[rows[i]] for i in keep]
             if len(waiting) >= SEARCH_BATCH:
                 search()

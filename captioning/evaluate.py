@@ -301,7 +301,7 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
 
     from .captioner import Captioner
     from .checkpoint import models_dir, report_path
-    from .features import ExtractConfig
+    from .features import ExtractConfig, extract_features
     from .search import SearchConfig
     from .store import load_features
     from .prepare import prepare
@@ -310,6 +310,8 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     search_cfg = search_cfg or SearchConfig()
     captioner = Captioner.load(model, workdir, device, ensemble)
     _, records, store = prepare(data_dir, workdir, captioner.spec, ExtractConfig(device=device))
+    mirror = extract_features(store.paths, captioner.spec, workdir, ExtractConfig(device=device, mirror=True)) \
+        if search_cfg.mirror else None
     records = [r for r in records if r.split == split]
     if not records:
         raise CaptioningError(f"The dataset has no images in its '{split}' split.")
@@ -320,6 +322,9 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
         task = add_task(bar, f"Captioning {split}", len(records), unit="img")
         for i in range(0, len(records), batch_size):
             feats = load_features(store, rows[i:i + batch_size], captioner.decoder.uses_grid, captioner.device)
+            if mirror is not None:   # the photos' and their mirror images' features side by side
+                feats = torch.cat([feats, load_features(mirror, rows[i:i + batch_size], captioner.decoder.uses_grid,
+                                                        captioner.device)], -1)
             captions += [captioner.vocab.decode(h[0].tokens) for h in captioner.search(feats, search_cfg)]
             advance_task(bar, task, len(feats))
     keys = [str(r.image) for r in records]
@@ -327,7 +332,7 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
     print_metrics_table(scores, title=f"{split} split, {len(records):,} images, beam {search_cfg.beam_size}")
     output = output or report_path(models_dir(workdir), split)
     settings = {"split": split, "images": len(records), "model": str(captioner.source), "beam_size": search_cfg.beam_size,
-                "length_alpha": search_cfg.length_alpha, "max_len": search_cfg.max_len}
+                "length_alpha": search_cfg.length_alpha, "max_len": search_cfg.max_len, "mirror": search_cfg.mirror}
     write_report(output, scores, [{"image": k, "caption": c, "references": r.captions}
                                   for k, c, r in zip(keys, captions, records)], settings)
     console.print(f"Report written to {output}")

@@ -268,7 +268,28 @@ class Ensemble(nn.Module):
             if alpha is not None:
                 alphas.append(alpha)
         mean = torch.logsumexp(torch.stack(logps), 0) - math.log(len(logps))  # log of the mean probability
-        return mean, new, (torch.stack(alphas).mean(0) if alphas else None)
+        return mean, new, self.attention(alphas)
+
+    def attention(self, alphas):
+        """The attention map shown for the ensemble: the members' mean [B, P] (None without attention)."""
+        return torch.stack(alphas).mean(0) if alphas else None
+
+
+class MirrorPair(Ensemble):
+    """One decoder reading a photo twice, as it is and mirrored left to right, searched as an ensemble of
+    the two readings (the mean of their word probabilities): each sees details the other misses. Its
+    features are the two side by side, [B, P, 2C] (or pooled [B, 2C]). Attention maps are the plain
+    reading's: the mirrored one's look at the mirrored photo."""
+
+    def __init__(self, decoder):
+        super().__init__([decoder, decoder])
+
+    def init_state(self, features):
+        halves = features.chunk(2, dim=-1)
+        return {f"{i}.{k}": v for i, half in enumerate(halves) for k, v in self.members[i].init_state(half).items()}
+
+    def attention(self, alphas):
+        return alphas[0] if alphas else None
 
 
 def caption_loss(logits, targets, label_smoothing=0.0):

@@ -121,3 +121,21 @@ def test_ensemble_of_the_two_shapes_models_captions_and_refuses_strangers(attent
     torch.save(other, tmp_path / "stranger.pt")
     with pytest.raises(CaptioningError, match="share the encoder and the vocabulary"):
         Captioner.load(att, device="cpu", ensemble=[tmp_path / "stranger.pt"])
+
+
+def test_mirror_reading_is_the_mirrored_photos_features_and_can_be_turned_off(monkeypatch):
+    """The default search reads each photo twice: encode(mirror=True) puts the mirror image's features
+    beside the photo's; --no-mirror captions from the photo's alone, as the model does by itself."""
+    monkeypatch.setenv("TORCH_HOME", str(TORCH_HOME))
+    c = Captioner.load("default", device="cpu")
+    photo = Image.open(EXAMPLES[0]).convert("RGB")
+    both = c.encode([photo], mirror=True)
+    plain, flipped = c.encode([photo]), c.encode([photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    assert both.shape[-1] == 2 * plain.shape[-1]
+    assert torch.allclose(both[..., :plain.shape[-1]], plain, atol=1e-4)
+    assert torch.allclose(both[..., plain.shape[-1]:], flipped, atol=1e-2 * float(plain.abs().max()))
+    assert SearchConfig().mirror
+    from captioning.search import search
+    off = SearchConfig(mirror=False)
+    assert c.caption_pil([photo], off)[0].captions == [c.vocab.decode(h.tokens) for h in search(c.decoder, plain, off)[0]]
+    assert c.caption_pil([photo])[0].captions[0] == c.caption(EXAMPLES[0])

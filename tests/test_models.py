@@ -90,3 +90,30 @@ def test_ensemble_of_one_is_the_model_and_of_two_is_the_mean_probability():
     assert torch.allclose(logp, expected, atol=1e-5)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(len(grid)), atol=1e-5)
     assert torch.allclose(alpha.sum(-1), torch.ones(len(grid)), atol=1e-5)  # only the attention member's
+
+
+@pytest.mark.parametrize("decoder", ["attention", "lstm"])
+def test_mirror_pair_averages_the_two_readings_and_shows_the_plain_ones_attention(decoder):
+    """MirrorPair: features [B, P, 2C] = the photo's and its mirror image's; word probabilities are the mean
+    of the decoder's on each half; two equal halves give exactly the plain decoder's search."""
+    from captioning.models import MirrorPair
+    from captioning.search import SearchConfig, beam_search
+    grid, _, _ = make_batch()
+    mirrored = torch.randn(grid.shape, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    d = build_decoder(ModelConfig(decoder=decoder, vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16,
+                                  attention_dim=8, dropout=0.0)).eval()
+    if not d.uses_grid:
+        grid, mirrored = grid.mean(1), mirrored.mean(1)
+    pair = MirrorPair(d)
+    tokens = torch.full((len(grid),), START)
+    logp, _, alpha = pair.step(tokens, pair.init_state(torch.cat([grid, mirrored], -1)))
+    a, _, plain_alpha = d.step(tokens, d.init_state(grid))
+    b, _, _ = d.step(tokens, d.init_state(mirrored))
+    assert torch.allclose(logp.exp(), (a.softmax(-1) + b.softmax(-1)) / 2, atol=1e-6)
+    assert (alpha is None) == (plain_alpha is None)
+    if alpha is not None:
+        assert torch.equal(alpha, plain_alpha)
+    cfg = SearchConfig(beam_size=3)
+    same = [h[0].tokens for h in beam_search(pair, torch.cat([grid, grid], -1), cfg)]
+    assert same == [h[0].tokens for h in beam_search(d, grid, cfg)]
