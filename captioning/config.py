@@ -133,6 +133,12 @@ class ExtractConfig:
     flush_every_s: float = 10.0        # how much work a kill can cost at most
 
 
+@dataclass
+class ExportConfig:
+    format: str = setting("pt", "pt: a small caption-only checkpoint (fp16); onnx: a folder that captions without "
+                                "PyTorch (numpy, Pillow and onnxruntime; see README)", choices=["pt", "onnx"])
+
+
 # --- deriving the command line --------------------------------------------------------------------------
 
 def options(cls):
