@@ -55,9 +55,10 @@ def caption_both(folder, photos):
     out = {}
     for name, (captioner, run) in runtimes.items():
         run(captioner, photos[:8], SearchConfig(), outputs=OutputConfig(png=False))          # warm-up
+        cpu = time.process_time()                 # all this process's threads: robust to other jobs' load
         with Timer() as t:
             results = run(captioner, photos, SearchConfig(), outputs=OutputConfig(png=False))
-        out[name] = ({r.image: r.captions[0] for r in results}, t.seconds)
+        out[name] = ({r.image: r.captions[0] for r in results}, t.seconds, time.process_time() - cpu)
     return out
 
 
@@ -65,9 +66,9 @@ def quality(folder, n):
     from captioning.evaluate import score_captions
     photos, refs = test_photos(n)
     both = caption_both(folder, photos)
-    (torch_caps, _), (onnx_caps, _) = both["torch"], both["ONNX"]
+    torch_caps, onnx_caps = both["torch"][0], both["ONNX"][0]
     same = sum(torch_caps[k] == onnx_caps[k] for k in torch_caps) / len(torch_caps)
-    cider = {name: score_captions(caps, refs, use_java=False)["CIDEr-D"] for name, (caps, _) in both.items()}
+    cider = {name: score_captions(caps, refs, use_java=False)["CIDEr-D"] for name, (caps, *_) in both.items()}
     table(f"Same captions: {len(photos):,} Flickr8k test photos, beam 3, from JPEG", ["", "value"],
           [["photos with equal captions", f"{same:.1%}"], ["test CIDEr-D, torch", f"{cider['torch']:.4f}"],
            ["test CIDEr-D, ONNX", f"{cider['ONNX']:.4f}"], ["difference", f"{cider['ONNX'] - cider['torch']:+.4f}"]])
@@ -77,7 +78,8 @@ def warm(folder, n):
     photos, _ = test_photos(n)
     both = caption_both(folder, photos)
     table(f"Warm: {len(photos)} photos in a running process (encoder + batched beam 3, no PNG)",
-          ["runtime", "photos/s"], [[name, f"{len(photos) / s:.1f}"] for name, (_, s) in both.items()])
+          ["runtime", "photos/s", "photos per CPU second"],
+          [[name, f"{len(photos) / s:.1f}", f"{len(photos) / cpu:.1f}"] for name, (_, s, cpu) in both.items()])
 
 
 def cold_once(python, model, out):
@@ -114,7 +116,7 @@ def cold(folder, repeat):
 
 
 def make_venv(folder, requirements):
-    subprocess.run(["python3", "-m", "venv", str(folder)], check=True)
+    subprocess.run(["python3", "-m", "venv", str(folder)], check=True)      # as a user would, off the PATH
     subprocess.run([str(folder / "bin" / "pip"), "install", "-q", "-r", str(ROOT / requirements)], check=True)
 
 

@@ -199,12 +199,15 @@ def cmd_caption(args):
     if args.write_metadata and exiftool_path() is None:
         raise CaptioningError(f"--write-metadata {INSTALL}.")
     cfg = from_args(SearchConfig, args, seed=args.seed)
-    if find_model(args.workdir, args.model).is_dir():   # an ONNX export: numpy and onnxruntime, no torch at all
+    model = find_model(args.workdir, args.model)
+    if not model.exists():
+        raise CaptioningError(f"Model file not found: {model}")
+    if model.is_dir():   # an ONNX export: numpy and onnxruntime, no torch at all
         from .onnx_runtime import OnnxCaptioner, caption_files
         if args.attention and importlib.util.find_spec("matplotlib") is None:
             raise CaptioningError("--attention draws its maps with matplotlib, which is not installed here: "
                                   "pip install matplotlib")
-        captioner = OnnxCaptioner.load(find_model(args.workdir, args.model), ensemble=args.ensemble)
+        captioner = OnnxCaptioner.load(model, ensemble=args.ensemble)
         results = caption_files(captioner, inputs, cfg, paths=photos, outputs=_output_config(args))
     else:
         from .captioner import Captioner, caption_files

@@ -181,7 +181,7 @@ def test_the_runtime_needs_no_torch(exported, tmp_path):
     code = NO_TORCH + (
         "from captioning.cli import main; from captioning import Captioner; "
         f"rc = main(['caption', {str(EXAMPLES[0])!r}, '--model', {str(folder)!r}, '--output', {str(png)!r}, "
-        "'--json', '--num-captions', '2']); "
+        f"'--json', '--num-captions', '2', '--csv', {str(tmp_path / 'c.csv')!r}]); "
         f"print(Captioner.load({str(folder)!r}).caption({str(EXAMPLES[0])!r}), file=sys.stderr); "
         "assert sys.modules['torch'] is None and not any(m.startswith('torch') and sys.modules[m] for m in sys.modules); "
         "sys.exit(rc)")
@@ -192,6 +192,7 @@ def test_the_runtime_needs_no_torch(exported, tmp_path):
     want = caption_files(captioner, [EXAMPLES[0]], SearchConfig(), outputs=OutputConfig(png=False))[0]
     assert result["caption"] == want.captions[0] and len(result["captions"]) == 2
     assert png.exists() and Image.open(png).size[0] == 800
+    assert (tmp_path / "c.csv").read_text().splitlines()[1].startswith(f"{EXAMPLES[0]},{want.captions[0]},")
 
 
 def _damage(folder, how, tmp_path):
