@@ -252,6 +252,8 @@ def export_onnx_folder(args):
     from .captioner import Captioner
     from .onnx_export import export_onnx
     captioner = Captioner.load(args.model, args.workdir, "cpu", args.ensemble)
+    if not isinstance(captioner, Captioner):
+        raise CaptioningError(f"{captioner.source} is an ONNX export already; export the .pt model it came from.")
     folder = export_onnx(captioner, args.output)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
     console.print(f"Wrote the ONNX export {folder} ({size:.1f} MB); caption with it: "

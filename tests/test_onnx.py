@@ -230,6 +230,10 @@ def test_export_options(exports, tmp_path, run_main):
     assert code == 1 and "is a file" in error_line(err)
     code, _, err = run_main("caption", EXAMPLES[0], "--model", folder, "--ensemble", captioner.source)
     assert code == 1 and "ensemble" in error_line(err)
+    code, _, err = run_main("evaluate", "--data", tmp_path, "--model", folder)
+    assert code == 1 and "ONNX export" in error_line(err)
+    code, _, err = run_main("export", "--format", "onnx", "--model", folder, "--output", tmp_path / "again")
+    assert code == 1 and "ONNX export already" in error_line(err)
 
 
 def test_numpy_trigram_block_and_samples():
