@@ -44,8 +44,8 @@ def read_config(folder):
     folder = Path(folder)
     path = folder / CONFIG
     if not path.exists():
-        raise CaptioningError(f"{folder} is a folder but not an ONNX export (it has no {CONFIG}); give a .pt model "
-                              "or a folder written by 'export --format onnx'.")
+        raise CaptioningError(f"Expected a model file (.pt) or an ONNX export but got a folder without {CONFIG}: "
+                              f"{folder} (a folder written by 'export --format onnx' has one).")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

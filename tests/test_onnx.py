@@ -211,7 +211,7 @@ def _damage(folder, how, tmp_path):
     return bad
 
 
-@pytest.mark.parametrize("how, says", [("not an export", "not an ONNX export"), ("missing file", "step.onnx is missing"),
+@pytest.mark.parametrize("how, says", [("not an export", "got a folder without config.json"), ("missing file", "step.onnx is missing"),
                                        ("other version", "another version"), ("corrupt graph", "corrupt")])
 def test_a_bad_export_folder_is_one_line(exports, tmp_path, how, says):
     bad = _damage(exports("attention")[1], how, tmp_path)
