@@ -9,6 +9,10 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so that the command line's --help and menu never pay for importing torch.
     if name == "Captioner":
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:   # a deployment from requirements-onnx.txt: exports only
+            from .onnx_runtime import OnnxCaptioner
+            return OnnxCaptioner
         from .captioner import Captioner
         return Captioner
     raise AttributeError(name)

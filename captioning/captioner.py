@@ -3,36 +3,18 @@
     from captioning import Captioner
     Captioner.load("models/best.pt").caption("photo.jpg")   # -> 'a dog runs through the grass'
 """
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
-from rich.markup import escape
 
 from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summarize
 from .encoders import EncoderSpec, build_encoder, load_image
 from .features import pick_device
 from .models import Ensemble, MirrorPair, ModelConfig, build_decoder
+from .outputs import OutputConfig, Result, caption_photos, make_results  # noqa: F401
+from .npsearch import SEARCH_BATCH  # noqa: F401 (one batch size for both runtimes)
 from .search import SearchConfig, search
 from .tuning import fold_batchnorm
 from .utils import CaptioningError, add_task, advance_task, console, make_progress
 from .vocab import Vocabulary
-
-@dataclass
-class Result:
-    image: str
-    captions: list                   # best first
-    scores: list                     # length-normalised log-probabilities, same order
-    words: list = field(default_factory=list)   # the best caption's words (for attention maps)
-    alphas: object = None            # [words, h, w] attention of the best caption, when the decoder has it
-    png: str | None = None           # the annotated picture written for it
-    attention_png: str | None = None
-
-    def to_json(self):
-        out = {"image": self.image, "caption": self.captions[0], "captions": self.captions,
-               "scores": [round(s, 4) for s in self.scores], "png": self.png}
-        return out if self.attention_png is None else {**out, "attention_png": self.attention_png}
-
 
 class Captioner:
     def __init__(self, ckpt, device="auto", source=None):
@@ -55,8 +37,12 @@ class Captioner:
     @classmethod
     def load(cls, model=None, workdir=".", device="auto", ensemble=()):
         """`model`: a path, 'default' for the built-in model, or None for the workdir's best model.
-        `ensemble`: more checkpoints on the same encoder and vocabulary, searched together with it."""
+        `ensemble`: more checkpoints on the same encoder and vocabulary, searched together with it.
+        A folder is an ONNX export: the same API from onnx_runtime.OnnxCaptioner (numpy and onnxruntime)."""
         path = find_model(workdir, model)
+        if path.is_dir():
+            from .onnx_runtime import OnnxCaptioner
+            return OnnxCaptioner.load(path, ensemble=ensemble)
         if path == BUILTIN and model != "default":
             console.print("Using the built-in Flickr8k model; train your own with "
                           "'python image_captioning.py train --data DIR'.")
@@ -116,15 +102,7 @@ class Captioner:
         return search(decoder, features, cfg, keep_alphas=keep_alphas)
 
     def results(self, names, hyps):
-        out = []
-        for name, hs in zip(names, hyps):
-            best = hs[0]
-            alphas = None
-            if best.alphas is not None and self.grid_hw[0]:
-                alphas = best.alphas[:len(best.tokens)].reshape(-1, *self.grid_hw).numpy()
-            out.append(Result(name, [self.vocab.decode(h.tokens) for h in hs], [h.score for h in hs],
-                              [self.vocab.words[t] for t in best.tokens], alphas))
-        return out
+        return make_results(self.vocab, self.grid_hw, names, hyps)
 
     def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
         names = names or [""] * len(images)
@@ -136,35 +114,17 @@ class Captioner:
         return self.caption_pil([pil], SearchConfig(beam_size=beam_size))[0].captions[0]
 
 
-SEARCH_BATCH = 128   # images per beam search: large batches are several times faster per image (bench/)
-
-
 def caption_files(captioner, inputs, cfg: SearchConfig, output=None, attention=False, batch_size=None, paths=None,
                   outputs=None, workdir="."):
     """Caption files/folders and write what `outputs` (an outputs.OutputConfig; default: one PNG each) asks
     for; returns the Results of the photos captioned now. `paths`: the photos (outputs.Photo or paths)
     when the caller listed them already. One image → `output` is the PNG path (default
     captioned_image.png); several → `output` is a folder."""
-    from .outputs import OutputConfig, Outputs, Photo, find_photos
     opts = outputs or OutputConfig(output=output, attention=attention)
-    photos = [p if isinstance(p, Photo) else Photo(Path(p), Path(Path(p).name)) for p in paths] if paths \
-        else find_photos(inputs)
-    single = len(inputs) == 1 and len(photos) == 1 and not Path(inputs[0]).is_dir()   # as the user named them
-    sink = Outputs(opts, single)
-    try:
-        results, failures = _caption_stream(captioner, sink.todo(photos), cfg, sink, opts.attention, batch_size,
-                                            workdir)
-    finally:
-        sink.close()
-    if sink.failures and single:
-        raise CaptioningError(sink.failures[0])
-    if failures and single:
-        raise CaptioningError(failures[0])
-    for f in failures:
-        console.print(f"[yellow]Skipped: {escape(f)}[/]")
-    if opts.attention and not captioner.decoder.uses_grid:
-        console.print("[yellow]This model has no attention (lstm decoder); no attention map was drawn.[/]")
-    return results
+
+    def stream(photos, sink):
+        return _caption_stream(captioner, photos, cfg, sink, opts.attention, batch_size, workdir)
+    return caption_photos(stream, inputs, opts, paths, captioner.decoder.uses_grid)
 
 
 def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workdir):

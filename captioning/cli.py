@@ -4,6 +4,7 @@ torch is imported only inside the commands, so `--help` and the menu answer at o
 Exit codes: 0 success, 2 usage error (argparse), 1 any other failure — with one line on stderr.
 """
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import warnings
 
 from rich.markup import escape
 
-from .config import (ExtractConfig, ModelConfig, SearchConfig, TrainConfig, add_options, from_args, positive_float,
+from .config import (ExportConfig, ExtractConfig, ModelConfig, SearchConfig, TrainConfig, add_options, from_args, positive_float,
                      positive_int)
 from .utils import CaptioningError, clean_user_path, console, failure_message
 
@@ -127,9 +128,12 @@ def build_parser():
     p.add_argument("--output", help="where to write the JSON report (default models/eval_<split>.json)")
 
     p = sub.add_parser("export", parents=[common], help="a small caption-only copy of a model (fp16, no "
-                       "optimizer state), with its evaluation reports")
+                       "optimizer state) with its evaluation reports, or an ONNX folder that needs no PyTorch")
     p.add_argument("--model", help="checkpoint to export (default: models/best.pt in the workdir)")
-    p.add_argument("--output", required=True, help="where to write it, e.g. captioning/assets/default_model.pt")
+    p.add_argument("--output", required=True, help="where to write it, e.g. captioning/assets/default_model.pt "
+                   "(a folder for --format onnx)")
+    add_options(p, ExportConfig)
+    ensemble_option(p)
 
     p = sub.add_parser("demo", parents=[common], help="offline demo on generated shapes (about two minutes)")
     p.add_argument("--images", type=positive_int, default=600, help="images to generate (default 600)")
@@ -194,11 +198,22 @@ def cmd_caption(args):
     photos = find_photos(inputs, args.recursive)
     if args.write_metadata and exiftool_path() is None:
         raise CaptioningError(f"--write-metadata {INSTALL}.")
-    find_model(args.workdir, args.model)
-    from .captioner import Captioner, caption_files
-    captioner = Captioner.load(args.model, args.workdir, args.device, args.ensemble)
     cfg = from_args(SearchConfig, args, seed=args.seed)
-    results = caption_files(captioner, inputs, cfg, paths=photos, outputs=_output_config(args), workdir=args.workdir)
+    model = find_model(args.workdir, args.model)
+    if not model.exists():
+        raise CaptioningError(f"Model file not found: {model}")
+    if model.is_dir():   # an ONNX export: numpy and onnxruntime, no torch at all
+        from .onnx_runtime import OnnxCaptioner, caption_files
+        if args.attention and importlib.util.find_spec("matplotlib") is None:
+            raise CaptioningError("--attention draws its maps with matplotlib, which is not installed here: "
+                                  "pip install matplotlib")
+        captioner = OnnxCaptioner.load(model, ensemble=args.ensemble)
+        results = caption_files(captioner, inputs, cfg, paths=photos, outputs=_output_config(args))
+    else:
+        from .captioner import Captioner, caption_files
+        captioner = Captioner.load(args.model, args.workdir, args.device, args.ensemble)
+        results = caption_files(captioner, inputs, cfg, paths=photos, outputs=_output_config(args),
+                                workdir=args.workdir)
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
         return
@@ -220,12 +235,29 @@ def cmd_evaluate(args):
 
 def cmd_export(args):
     from .checkpoint import export_model, find_model, report_path
+    cfg = from_args(ExportConfig, args)
+    if cfg.format == "onnx":
+        return export_onnx_folder(args)
+    if args.ensemble:
+        raise CaptioningError("--ensemble exports only with --format onnx (a .pt file holds one model).")
     source = find_model(args.workdir, args.model)
     reports = {split: report_path(source.parent, split) for split in ("val", "test")}
     reports = {split: path for split, path in reports.items() if path.exists()}
     out = export_model(source, args.output, reports)
     found = ", ".join(reports) if reports else "none found beside the model"
     console.print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; evaluation reports: {found})")
+
+
+def export_onnx_folder(args):
+    from .captioner import Captioner
+    from .onnx_export import export_onnx
+    captioner = Captioner.load(args.model, args.workdir, "cpu", args.ensemble)
+    if not isinstance(captioner, Captioner):
+        raise CaptioningError(f"{captioner.source} is an ONNX export already; export the .pt model it came from.")
+    folder = export_onnx(captioner, args.output)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
+    console.print(f"Wrote the ONNX export {folder} ({size:.1f} MB); caption with it: "
+                  f"python image_captioning.py caption PHOTO --model {folder}")
 
 
 def cmd_demo(args):
@@ -271,7 +303,6 @@ def dashboard_command(args):
 def cmd_dashboard(args):
     """Serve captioning/dashboard.py with Streamlit until it ends or this process gets Ctrl-C, SIGTERM or
     SIGHUP. Streamlit is optional, so it is only looked for here, never imported by the CLI."""
-    import importlib.util
     if importlib.util.find_spec("streamlit") is None:
         raise CaptioningError("The dashboard needs Streamlit, which is not installed: "
                               "pip install -r requirements-dashboard.txt")

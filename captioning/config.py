@@ -142,6 +142,12 @@ class ExtractConfig:
     mirror: bool = False               # encode each photo's mirror image (the training augmentation --flip)
 
 
+@dataclass
+class ExportConfig:
+    format: str = setting("pt", "pt: a small caption-only checkpoint (fp16); onnx: a folder that captions without "
+                                "PyTorch (numpy, Pillow and onnxruntime; see README)", choices=["pt", "onnx"])
+
+
 # --- deriving the command line --------------------------------------------------------------------------
 
 def options(cls):

@@ -8,17 +8,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
 from torch import nn
 
+from .images import draft_size_for, load_image, to_rgb  # noqa: F401 (torch-free, shared with the ONNX runtime)
 from .utils import CaptioningError
-
-# Photos larger than this many pixels are refused (Pillow's decompression-bomb guard raises above 2x).
-Image.MAX_IMAGE_PIXELS = 64_000_000
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 SUGGESTED = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2",
              "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_800mf"]
@@ -112,54 +107,3 @@ def build_encoder(spec: EncoderSpec):
     for p in trunk.parameters():
         p.requires_grad_(False)
     return trunk, transform
-
-
-def load_image(path, draft_size=None):
-    """Open any image a person may have: upright (EXIF), RGB, first frame of animations.
-
-    `draft_size` lets the JPEG decoder skip detail we resize away anyway (2-4x faster on big photos)."""
-    path = Path(path)
-    try:  # the checks too: a folder without permission makes even exists() raise
-        if not path.exists():
-            raise CaptioningError(f"Image not found: {path}")
-        if path.is_dir():
-            raise CaptioningError(f"Expected an image file but got a folder: {path}")
-        if path.stat().st_size == 0:
-            raise CaptioningError(f"Image file is empty (0 bytes): {path}")
-        with Image.open(path) as img:
-            if getattr(img, "is_animated", False):
-                img = next(iter(ImageSequence.Iterator(img)))
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except PermissionError as e:  # `from e`: the one line for everyone, Pillow's own error for --debug
-        raise CaptioningError(f"No permission to read image: {path}") from e
-    except Image.DecompressionBombError as e:
-        raise CaptioningError(f"Image is too large to decode safely: {path}") from e
-    except UnidentifiedImageError as e:
-        raise CaptioningError(f"Not an image file (or a format Pillow cannot read): {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CaptioningError(f"Could not read image {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from e
-
-
-def to_rgb(img):
-    """RGB with transparency flattened onto white; handles palette, 16-bit, CMYK and grayscale images."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Scale by the image's own range: 16-bit PNGs rarely use all 65535 levels.
-        arr = np.asarray(img, dtype=np.float32)
-        top = float(arr.max()) or 1.0
-        img = Image.fromarray(np.clip(arr / top * 255, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def draft_size_for(transform):
-    """The smallest decode size the transform can use without losing detail."""
-    size = getattr(transform, "resize_size", None) or [256]
-    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)

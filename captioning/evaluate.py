@@ -309,6 +309,9 @@ def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=N
 
     search_cfg = search_cfg or SearchConfig()
     captioner = Captioner.load(model, workdir, device, ensemble)
+    if not isinstance(captioner, Captioner):
+        raise CaptioningError(f"{captioner.source} is an ONNX export, which captions photos only; evaluate the .pt "
+                              "model it was exported from.")
     _, records, store = prepare(data_dir, workdir, captioner.spec, ExtractConfig(device=device))
     mirror = extract_features(store.paths, captioner.spec, workdir, ExtractConfig(device=device, mirror=True)) \
         if search_cfg.mirror else None

@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -31,6 +31,36 @@ CSV_HEADER = ["image", "caption", "score"]
 class Photo:
     path: Path   # as the user named it, joined with its place under that folder
     rel: Path    # its place under the folder it was found in (or its own name): PNG names mirror it
+
+
+@dataclass
+class Result:
+    image: str
+    captions: list                   # best first
+    scores: list                     # length-normalised log-probabilities, same order
+    words: list = field(default_factory=list)   # the best caption's words (for attention maps)
+    alphas: object = None            # [words, h, w] attention of the best caption, when the decoder has it
+    png: str | None = None           # the annotated picture written for it
+    attention_png: str | None = None
+
+    def to_json(self):
+        out = {"image": self.image, "caption": self.captions[0], "captions": self.captions,
+               "scores": [round(s, 4) for s in self.scores], "png": self.png}
+        return out if self.attention_png is None else {**out, "attention_png": self.attention_png}
+
+
+def make_results(vocab, grid_hw, names, hyps):
+    """Search's Hypothesis lists (torch or numpy search) → one Result per image."""
+    import numpy as np
+    out = []
+    for name, hs in zip(names, hyps):
+        best = hs[0]
+        alphas = None
+        if best.alphas is not None and grid_hw[0]:
+            alphas = np.asarray(best.alphas)[:len(best.tokens)].reshape(-1, *grid_hw)
+        out.append(Result(name, [vocab.decode(h.tokens) for h in hs], [h.score for h in hs],
+                          [vocab.words[t] for t in best.tokens], alphas))
+    return out
 
 
 @dataclass
@@ -279,3 +309,27 @@ class Outputs:
             self.exiftool.close()
         for rows in self.rows:
             rows.close()
+
+
+def caption_photos(stream, inputs, opts: OutputConfig, paths=None, has_attention=True):
+    """Caption files/folders with `stream(photos, sink) → (results, failures)` (a runtime's batched work,
+    handing each Result to `sink.submit`) and write what `opts` asks for; returns the Results of the photos
+    captioned now. One image named alone → `opts.output` is the PNG path (default captioned_image.png);
+    several → a folder. Any runtime (torch, ONNX) shares this part."""
+    photos = [p if isinstance(p, Photo) else Photo(Path(p), Path(Path(p).name)) for p in paths] if paths \
+        else find_photos(inputs)
+    single = len(inputs) == 1 and len(photos) == 1 and not Path(inputs[0]).is_dir()   # as the user named them
+    sink = Outputs(opts, single)
+    try:
+        results, failures = stream(sink.todo(photos), sink)
+    finally:
+        sink.close()
+    if sink.failures and single:
+        raise CaptioningError(sink.failures[0])
+    if failures and single:
+        raise CaptioningError(failures[0])
+    for f in failures:
+        console.print(f"[yellow]Skipped: {escape(f)}[/]")
+    if opts.attention and not has_attention:
+        console.print("[yellow]This model has no attention (lstm decoder); no attention map was drawn.[/]")
+    return results

@@ -80,7 +80,8 @@ def _show(ax, image):
 
 @functools.lru_cache(maxsize=4)
 def _font(px):
-    """matplotlib's DejaVu Sans (matplotlib is a requirement), found without importing matplotlib."""
+    """matplotlib's DejaVu Sans (matplotlib is a requirement), found without importing matplotlib; where it is
+    not installed (the ONNX runtime's requirements-onnx.txt) Pillow's own scalable font."""
     import importlib.util
     spec = importlib.util.find_spec("matplotlib")
     path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf" if spec else None

@@ -7,20 +7,13 @@ emits <unk>, <pad> or <start>, never ends on the first word, can forbid repeatin
 finished captions by log-probability divided by length**alpha (so that short captions are not favoured
 just for having fewer terms in the sum). Greedy search is beam search with K = 1.
 """
-from dataclasses import dataclass
-
 import torch
 
 from .config import SearchConfig
+# The pure-Python parts are shared with the numpy search of the ONNX runtime, so both decide alike.
+from .npsearch import (DIVERSE_SAMPLES, MIN_DISTANCE, Hypothesis, best_distinct, done, fill_nbest,  # noqa: F401
+                       pick_diverse, word_distance)
 from .vocab import END, PAD, START, UNK
-
-
-@dataclass
-class Hypothesis:
-    tokens: list                   # word ids, without <start>/<end>
-    logprob: float                 # sum of log-probabilities, <end> included when it ended
-    score: float                   # the length-normalised score used for ranking
-    alphas: torch.Tensor | None = None  # [len, cells] attention per emitted word, for attention decoders
 
 
 def _banned_trigrams(seqs, vocab_size):
@@ -77,7 +70,7 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         # of them. With alpha 0 this is exact (a live beam's log-probability only falls); with alpha > 0 it
         # is the usual estimate. Stopping as soon as K captions finish can miss a better, longer one.
         best_live = sel_scores.max(1).values.tolist()
-        going = [i for i in range(n) if not _done(finished[active[i]], best_live[i], k_kept, t, cfg)]
+        going = [i for i in range(n) if not done(finished[active[i]], best_live[i], k_kept, t, cfg)]
         if not going:
             break
         # One reordering does both: each going image's beams take their chosen parents' state.
@@ -95,7 +88,7 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
             alphas = alphas.index_select(0, rows)
         tokens, scores = sel_word.view(-1), sel_scores
 
-    return [_best_distinct(f, cfg.num_captions) for f in finished]
+    return [best_distinct(f, cfg.num_captions) for f in finished]
 
 
 def _constrained(logits, seqs, t, cfg):
@@ -132,25 +125,6 @@ def _going_on(is_end, beam, word, top_scores, k):
     sel_scores = torch.where(keep.gather(1, order), top_scores.gather(1, order),
                              torch.full_like(top_scores[:, :k], float("-inf")))
     return beam.gather(1, order), word.gather(1, order), sel_scores
-
-
-def _done(hyps, best_live, k_kept, t, cfg):
-    if len(hyps) < k_kept:
-        return False
-    worst_kept = sorted(h.score for h in hyps)[-k_kept]
-    return best_live == float("-inf") or worst_kept >= best_live / (t + 2) ** cfg.length_alpha
-
-
-def _best_distinct(hyps, n):
-    out, seen = [], set()
-    for h in sorted(hyps, key=lambda h: h.score, reverse=True):
-        key = tuple(h.tokens)
-        if key not in seen:
-            seen.add(key)
-            out.append(h)
-        if len(out) == n:
-            break
-    return out
 
 
 def greedy_search(decoder, features, max_len=20, block_trigrams=True):
@@ -217,12 +191,6 @@ def _nucleus(probs, top_p):
     return probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
 
 
-# Diversity "sample": captions drawn per image, and how unlike each kept caption must be (word-set Jaccard
-# distance) from those already kept. Three human captions of a Flickr8k photo are 0.74 apart on average.
-DIVERSE_SAMPLES = 12
-MIN_DISTANCE = 0.5
-
-
 def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=False):
     """The N best captions per image, as a user gets them. The first is always beam search's best; with
     diversity "beam" the others are the next-best distinct beams (often the same sentence with another
@@ -233,15 +201,7 @@ def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=Fa
     if cfg.diversity != "sample":
         raise ValueError(f"unknown diversity '{cfg.diversity}' (expected 'sample' or 'beam')")
     beams = beam_search(decoder, features, cfg, keep_alphas)
-    first = [b[:1] for b in beams]
-    out = []
-    for f, others, rest in zip(first, diverse_samples(decoder, features, cfg, first), beams):
-        chosen = f + others
-        seen = {tuple(h.tokens) for h in chosen}
-        # Too few samples that differ (a model that is sure of itself): the next beams fill the list.
-        chosen += [h for h in rest[1:] if tuple(h.tokens) not in seen][:cfg.num_captions - len(chosen)]
-        out.append(chosen)
-    return out
+    return fill_nbest(beams, diverse_samples(decoder, features, cfg, [b[:1] for b in beams]), cfg.num_captions)
 
 
 @torch.inference_mode()
@@ -250,27 +210,4 @@ def diverse_samples(decoder, features, cfg, chosen):
     generator = torch.Generator(device=features.device).manual_seed(cfg.seed)
     n = DIVERSE_SAMPLES
     tokens, logps, lengths = sample(decoder, features, n, cfg.max_len, generator, cfg.top_p)
-    totals, lengths, tokens = logps.sum(1).tolist(), lengths.tolist(), tokens.tolist()
-    out = []
-    for i, kept in enumerate(chosen):
-        pool = [Hypothesis([w for w in tokens[r][:lengths[r]] if w != END], totals[r], totals[r] / lengths[r] ** cfg.length_alpha)
-                for r in range(i * n, (i + 1) * n)]
-        picked, sets = [], [set(h.tokens) for h in kept]
-        for h in sorted(pool, key=lambda h: h.score, reverse=True):
-            if len(picked) == cfg.num_captions - len(kept):
-                break
-            if all(word_distance(set(h.tokens), s) >= MIN_DISTANCE for s in sets):
-                picked.append(h)
-                sets.append(set(h.tokens))
-        seen = {tuple(h.tokens) for h in kept + picked}
-        for h in sorted(pool, key=lambda h: h.score, reverse=True):   # too few that differ: the likeliest rest
-            if len(picked) < cfg.num_captions - len(kept) and tuple(h.tokens) not in seen:
-                picked.append(h)
-                seen.add(tuple(h.tokens))
-        out.append(picked)
-    return out
-
-
-def word_distance(a, b):
-    """Jaccard distance of two word sets: 0 the same words, 1 none shared."""
-    return 1.0 - len(a & b) / max(len(a | b), 1)
+    return pick_diverse(tokens.tolist(), logps.sum(1).tolist(), lengths.tolist(), chosen, n, cfg)

@@ -27,6 +27,9 @@ def failure_message(exc, batch_option="--batch-size"):
     if isinstance(exc, CaptioningError):
         return str(exc)
     name, text = type(exc).__name__, str(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name in ("torch", "torchvision"):
+        return ("This needs PyTorch, which is not installed here: pip install -r requirements.txt (an environment "
+                "from requirements-onnx.txt captions with an ONNX export folder only: caption PHOTO --model DIR).")
     if isinstance(exc, MemoryError):
         return f"Out of memory; try a smaller {batch_option}."
     if "OutOfMemoryError" in name or "out of memory" in text.lower():   # torch.cuda.OutOfMemoryError, MPS

@@ -1,9 +1,13 @@
 """Every registered decoder through the whole pipeline: training, greedy and beam search, an ensemble, a
-checkpoint round trip and export. A decoder added to the registry is tested here without a new test."""
+checkpoint round trip, export, and ONNX export. A decoder added to the registry is tested here without a new test."""
 import pytest
 import torch
 
-from captioning.captioner import Captioner
+from captioning import onnx_runtime
+from captioning.captioner import Captioner, caption_files
+from captioning.datasets import load_dataset
+from captioning.onnx_export import export_onnx
+from captioning.outputs import OutputConfig
 from captioning.checkpoint import export_model, load_checkpoint
 from captioning.models import DECODERS, Decoder, build_decoder
 from captioning.search import SearchConfig, beam_search, greedy_search
@@ -46,7 +50,15 @@ def test_every_decoder_trains_searches_ensembles_and_exports(name, attention_mod
     assert [h[0].tokens for h in beam_search(exported.decoder, feats, SearchConfig(beam_size=3))] == \
         [b[0].tokens for b in beams]
 
+    # Its ONNX export captions the held-out shapes as torch does, without torch (tests/test_onnx.py: the rest).
+    folder = export_onnx(Captioner.load(best, device="cpu"), tmp_path / "onnx")
+    test = [r.image for r in load_dataset(shapes_data).split("test")][:24]
+    cfg = SearchConfig(beam_size=3)
+    want = caption_files(captioner, test, cfg, outputs=OutputConfig(png=False))
+    got = onnx_runtime.caption_files(Captioner.load(folder), test, cfg, outputs=OutputConfig(png=False))
+    assert [r.captions for r in got] == [r.captions for r in want]
+
     # An ensemble with the attention model of the same features and vocabulary searches as one model.
     captioner.join([Captioner.load(attention_model[1], device="cpu")])
-    joined = captioner.search(torch.randn(4, 49, decoder.cfg.feat_dim), SearchConfig(beam_size=2))
+    joined = captioner.search(torch.randn(4, 49, decoder.cfg.feat_dim), SearchConfig(beam_size=2, mirror=False))
     assert all(h[0].tokens for h in joined)
