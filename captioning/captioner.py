@@ -134,14 +134,13 @@ class Captioner:
 SEARCH_BATCH = 128   # images per beam search: large batches are several times faster per image (bench/)
 
 
-def caption_files(captioner, inputs, cfg: SearchConfig, output=None, attention=False, batch_size=None, paths=None,
-                  outputs=None, workdir="."):
+def caption_files(captioner, inputs, cfg: SearchConfig, outputs=None, paths=None, batch_size=None, workdir="."):
     """Caption files/folders and write what `outputs` (an outputs.OutputConfig; default: one PNG each) asks
     for; returns the Results of the photos captioned now. `paths`: the photos (outputs.Photo or paths)
-    when the caller listed them already. One image → `output` is the PNG path (default
-    captioned_image.png); several → `output` is a folder."""
+    when the caller listed them already. One image → `outputs.output` is the PNG path (default
+    captioned_image.png); several → it is a folder (default captioned/)."""
     from .outputs import OutputConfig, Outputs, Photo, find_photos
-    opts = outputs or OutputConfig(output=output, attention=attention)
+    opts = outputs or OutputConfig()
     photos = [p if isinstance(p, Photo) else Photo(Path(p), Path(Path(p).name)) for p in paths] if paths \
         else find_photos(inputs)
     single = len(inputs) == 1 and len(photos) == 1 and not Path(inputs[0]).is_dir()   # as the user named them
