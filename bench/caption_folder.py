@@ -6,7 +6,8 @@ mobilenet_v2 + soft attention, beam 3):
   search alone      batched beam search on those photos' features, computed beforehand
   compute stages    both in a row: 1 / (1/encoder + 1/search), what a tool with free decoding and writing gets
   --no-png --jsonl  caption_files as `caption DIR --no-png --jsonl FILE` runs it (decoding, JSONL written)
-  with PNGs         caption_files as `caption DIR` runs it (a captioned PNG per photo)
+  with PNGs         caption_files as `caption DIR` runs it (a captioned PNG per photo, outputs.PNG_WORKERS
+                    drawing processes), and the same with one drawing process
   today's code      caption_files and render.py as of commit BEFORE (matplotlib PNGs, batches of 8)
 The caption_files figures are timed in this process after the model is loaded (the command adds its ~4 s
 start). Targets (issue 15): --no-png >= 0.8x the compute stages; with PNGs >= 3x today's code.
@@ -28,6 +29,7 @@ from bench.extract_speed import limit
 from captioning.captioner import SEARCH_BATCH, Captioner, caption_files
 from captioning.features import Preprocess
 from captioning import render  # noqa: F401 (today() swaps it for the old one)
+from captioning import outputs
 from captioning.outputs import OutputConfig
 from captioning.search import SearchConfig
 
@@ -84,7 +86,7 @@ def main():
     args = ap.parse_args()
     header("caption_folder")
     photos = flickr_images()[-args.n:]
-    cfg = SearchConfig(beam_size=3)
+    cfg = SearchConfig(beam_size=3, mirror=False)   # as the old code searches: one reading, beam 3
     captioner = Captioner.load("default", device="cpu")
     trunk, transform = captioner.encoder()
     enc, best = limit(trunk, Preprocess(transform).crop, (1, 4, 16), 1.0)
@@ -96,14 +98,22 @@ def main():
         n = len(photos)
         no_png = timed(lambda: caption_files(captioner, [folder], cfg, outputs=OutputConfig(
             png=False, jsonl=str(tmp / "out.jsonl")), workdir=tmp), n)
-        pngs = timed(lambda: caption_files(captioner, [folder], cfg, output=tmp / "pngs", workdir=tmp), n)
+        pngs = timed(lambda: caption_files(captioner, [folder], cfg, OutputConfig(output=str(tmp / "pngs")),
+                                           workdir=tmp), n)
+        workers, outputs.PNG_WORKERS = outputs.PNG_WORKERS, 1
+        one_drawer = timed(lambda: caption_files(captioner, [folder], cfg, OutputConfig(output=str(tmp / "pngs1")),
+                                                 workdir=tmp), n)
+        outputs.PNG_WORKERS = workers
         before = today(captioner, folder, cfg, tmp / "old")
     rows = [["encoder limit (ready tensors, batch %d%s)" % (best[0], ", channels_last" if best[1] else ""),
              f"{enc:.1f}", ""],
             ["beam search alone (batches of %d, beam 3)" % SEARCH_BATCH, f"{search:.1f}", ""],
             ["compute stages in a row", f"{stages:.1f}", "1.00x"],
             ["caption DIR --no-png --jsonl", f"{no_png:.1f}", f"{no_png / stages:.2f}x of compute stages"],
-            ["caption DIR (PNGs)", f"{pngs:.1f}", f"{pngs / before:.1f}x today's" if before else ""],
+            [f"caption DIR (PNGs, {workers} drawing processes)", f"{pngs:.1f}",
+             f"{pngs / before:.1f}x today's" if before else ""],
+            ["caption DIR (PNGs, 1 drawing process)", f"{one_drawer:.1f}",
+             f"{one_drawer / before:.1f}x today's" if before else ""],
             [f"today's code ({BEFORE}, PNGs)", f"{before:.1f}" if before else "n/a", "1.0x" if before else ""]]
     table(f"Captioning {n} Flickr8k photos (built-in model, beam 3), images/s", ["path", "img/s", "ratio"], rows)
 

@@ -135,6 +135,7 @@ def warm(model, n, fold=True):
     """ms per image through the API, and through caption_files (PNG included). With `fold=False`, the
     encoder's BatchNorm left unfolded, as captioner.py ran it before it folded it as features.py does."""
     from captioning import captioner as module
+    from captioning.outputs import OutputConfig
     from captioning.search import SearchConfig
     real = module.fold_batchnorm
     if not fold:
@@ -150,7 +151,7 @@ def warm(model, n, fold=True):
         for p in photos[:n]:
             captioner.caption(p)
     with tempfile.TemporaryDirectory() as out, Timer() as files:
-        module.caption_files(captioner, photos[:n], SearchConfig(), output=out)
+        module.caption_files(captioner, photos[:n], SearchConfig(), OutputConfig(output=out))
     return one.seconds / n * 1000, files.seconds / n * 1000
 
 

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from captioning.encoders import load_image
-from captioning.models import AttentionDecoder
 from captioning.search import beam_search
 from captioning.train import optimizer_step
 from captioning.vocab import PAD
@@ -24,32 +23,27 @@ def plain_extract(paths, trunk, transform, grid_out, pooled_out):
 
 
 def naive_loss(decoder, features, tokens, lengths, att_reg=1.0):
-    """Teacher-forced loss with every caption padded to the full width of `tokens`: the decoder runs on
-    every padded position and the vocabulary projection too; padding is ignored only in the loss.
-    `features` hold one row per caption (no sharing between captions of one image)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if decoder.uses_grid:
-        state = decoder.init_state(features)
-        emb = decoder.embed(inputs)
-        hidden, alphas = [], []
-        for t in range(inputs.shape[1]):
-            context, alpha = decoder._attend(state)
-            h, c = decoder.cell(torch.cat([emb[:, t], context], -1), (state["h"], state["c"]))
-            state = dict(state, h=h, c=c)
-            hidden.append(h)
-            alphas.append(alpha)
-        hidden = torch.stack(hidden, 1)                                   # [N, T, H]
-        alphas = torch.stack(alphas, 1)                                   # [N, T, P]
-    else:
-        image = decoder.image_embed(decoder.norm(features))
-        hidden, _ = decoder.lstm(decoder.drop(decoder._inputs(image, inputs)))
-        alphas = None
-    logits = decoder.out(decoder.drop(hidden))                            # [N, T, V]: padding included
+    """Teacher-forced loss with every caption padded to the full width of `tokens`: the decoder and its
+    vocabulary projection run on every padded position too; padding is ignored only in the loss. `features`
+    hold one row per caption (no sharing between captions of one image). Only the decoder contract is used."""
+    targets = tokens[:, 1:]
+    if not decoder.uses_grid:
+        # Show-and-Tell: `forward` told that every caption is full width, so its one fused LSTM runs over the
+        # padding (`step` by step would be slower than any plain code, and it has no dropout).
+        logits, flat_targets, _ = decoder(features, tokens, torch.full_like(lengths, tokens.shape[1]))
+        return F.cross_entropy(logits, flat_targets, ignore_index=PAD)
+    state = decoder.init_state(features)
+    logits, alphas = [], []
+    for t in range(targets.shape[1]):
+        step_logits, state, alpha = decoder.step(tokens[:, t], state)
+        logits.append(step_logits)
+        alphas.append(alpha)
+    logits = torch.stack(logits, 1)                                       # [N, T, V]: padding included
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD)
-    if alphas is not None and att_reg:
-        # The regulariser sums attention over a caption's real words only (as the model defines it).
-        real = (torch.arange(inputs.shape[1], device=tokens.device) < (lengths - 1).unsqueeze(1)).float()
-        loss = loss + att_reg * AttentionDecoder.attention_penalty(alphas * real.unsqueeze(-1))
+    if att_reg:
+        # The decoder's own term counts attention on a caption's real words only (as training does).
+        real = (torch.arange(targets.shape[1], device=tokens.device) < (lengths - 1).unsqueeze(1)).float()
+        loss = loss + att_reg * decoder.extra_loss(torch.stack(alphas, 1) * real.unsqueeze(-1))
     return loss
 
 

@@ -3,6 +3,8 @@
 Side by side, in one run, each from the same initial weights on the same captions:
   naive          random batches, every caption padded to the longest (32 tokens), the decoder and the
                  vocabulary projection run on every padded position (bench/naive.py)
+  naive before   the same with bench/naive.py as of commit NAIVE_BEFORE (it reached into the decoders'
+                 private layers; now it goes through the decoder contract): the same arithmetic, timed
   length-bucket  batches of captions of equal length, packed: nothing runs on padding (captioning/train.py)
   image-grouped  batches of whole images (all 5 captions of each), the image-side work once per image,
                  padded steps skipped (captioning/train.py; the attention decoder's default)
@@ -19,7 +21,7 @@ import argparse
 import math
 import random
 
-from bench.common import FLICKR8K, Timer, flickr_cache, header, table
+from bench.common import FLICKR8K, Timer, flickr_cache, header, module_at, table
 
 import torch
 
@@ -33,6 +35,7 @@ from captioning.vocab import Vocabulary
 from bench.naive import naive_train_epoch
 
 FULL_EPOCH = 30000  # Flickr8k's train captions
+NAIVE_BEFORE = "b1b00f1"   # the last commit whose bench/naive.py used the decoders' private layers
 
 
 def fast_epoch(decoder, optimizer, store, data, batches, cfg):
@@ -76,14 +79,16 @@ def run_variant(kind, decoder_name, store, vocab, data, val, epochs, batch_size,
     decoder.norm.set_stats(*stats[decoder.uses_grid])
     # Naive: the plain optimizer; the fast paths: train.py's (fused AdamW where torch has it).
     optimizer = (torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-                 if kind == "naive" else make_optimizer(decoder.parameters(), cfg))
+                 if kind.startswith("naive") else make_optimizer(decoder.parameters(), cfg))
     generator = torch.Generator().manual_seed(0)
     seconds, loss, val_loss, same_time = [], math.nan, None, None
     while len(seconds) < epochs or (budget and sum(seconds) < budget):
         with Timer() as t:
-            if kind == "naive":
+            if kind.startswith("naive"):
                 # Full width: the tokens tensor is padded to the longest caption in the data set.
-                loss = naive_train_epoch(decoder, optimizer, store, data, batch_size, generator, cfg.clip, cfg.att_reg)
+                epoch = naive_train_epoch if kind == "naive" else \
+                    module_at(NAIVE_BEFORE, "bench/naive.py").naive_train_epoch
+                loss = epoch(decoder, optimizer, store, data, batch_size, generator, cfg.clip, cfg.att_reg)
             else:
                 make = image_batches if kind == "image-grouped" else length_buckets
                 batches = make(data.rows if make is image_batches else data.lengths, batch_size, generator)
@@ -136,14 +141,15 @@ def main():
     stats = {g: feature_stats(store, data.rows, g) for g in (False, True)}
     tokens = int((data.lengths - 1).sum())
     scale = FULL_EPOCH / len(data.lengths)
-    plans = {"lstm": [("naive", 32), ("length-bucket", 32)],
-             "attention": [("naive", 64), ("length-bucket", 64), ("image-grouped", 64)]}
+    before = f"naive, {NAIVE_BEFORE}'s code"
+    plans = {"lstm": [("naive", 32), (before, 32), ("length-bucket", 32)],
+             "attention": [("naive", 64), (before, 64), ("length-bucket", 64), ("image-grouped", 64)]}
     rows = []
     for name in args.decoders:
         base = budget = None
         for kind, batch in plans[name]:
             seconds, loss, val_loss, same_time = run_variant(kind, name, store, vocab, data, val, epochs, batch,
-                                                             stats, budget)
+                                                             stats, None if kind == before else budget)
             base = base or seconds
             budget = budget or seconds * epochs
             later = f"{same_time[1]:.3f} ({same_time[0]} epochs)" if same_time else "-"

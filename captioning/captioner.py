@@ -3,13 +3,15 @@
     from captioning import Captioner
     Captioner.load("models/best.pt").caption("photo.jpg")   # -> 'a dog runs through the grass'
 """
+import os
+
 import torch
 
 from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summarize
 from .encoders import EncoderSpec, build_encoder, load_image
 from .features import pick_device
 from .models import Ensemble, MirrorPair, ModelConfig, build_decoder
-from .outputs import OutputConfig, Result, caption_photos, make_results  # noqa: F401
+from .outputs import PNG_WORKERS, OutputConfig, Result, caption_photos, make_results  # noqa: F401
 from .npsearch import SEARCH_BATCH  # noqa: F401 (one batch size for both runtimes)
 from .search import SearchConfig, search
 from .tuning import fold_batchnorm
@@ -114,16 +116,23 @@ class Captioner:
         return self.caption_pil([pil], SearchConfig(beam_size=beam_size))[0].captions[0]
 
 
-def caption_files(captioner, inputs, cfg: SearchConfig, output=None, attention=False, batch_size=None, paths=None,
-                  outputs=None, workdir="."):
+def caption_files(captioner, inputs, cfg: SearchConfig, outputs=None, paths=None, batch_size=None, workdir="."):
     """Caption files/folders and write what `outputs` (an outputs.OutputConfig; default: one PNG each) asks
     for; returns the Results of the photos captioned now. `paths`: the photos (outputs.Photo or paths)
-    when the caller listed them already. One image → `output` is the PNG path (default
-    captioned_image.png); several → `output` is a folder."""
-    opts = outputs or OutputConfig(output=output, attention=attention)
+    when the caller listed them already. One image → `outputs.output` is the PNG path (default
+    captioned_image.png); several → it is a folder (default captioned/)."""
+    opts = outputs or OutputConfig()
 
     def stream(photos, sink):
-        return _caption_stream(captioner, photos, cfg, sink, opts.attention, batch_size, workdir)
+        threads = torch.get_num_threads()
+        if sink.pool and captioner.device.type == "cpu":
+            # The drawing processes need the cores more than the encoder's extra threads do: on 2 cores, one
+            # torch thread beside two drawers captions 1.2x faster than two (bench/caption_folder.py).
+            torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - PNG_WORKERS)))
+        try:
+            return _caption_stream(captioner, photos, cfg, sink, opts.attention, batch_size, workdir)
+        finally:
+            torch.set_num_threads(threads)
     return caption_photos(stream, inputs, opts, paths, captioner.decoder.uses_grid)
 
 

@@ -227,10 +227,10 @@ def cmd_caption(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate_model
-    evaluate_model(clean_user_path(args.data), args.split, args.model, args.workdir,
-                   from_args(SearchConfig, args, seed=args.seed),
-                   args.device, args.output, ensemble=args.ensemble)
+    from .evaluation import EvalRun, evaluate_model
+    run = EvalRun(clean_user_path(args.data), args.split, args.model, args.ensemble, args.workdir, args.device,
+                  args.output)
+    evaluate_model(run, from_args(SearchConfig, args, seed=args.seed))
 
 
 def cmd_export(args):

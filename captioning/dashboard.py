@@ -23,6 +23,7 @@ import hmac
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -241,18 +242,29 @@ def sidebar(args):
     return path, beam, count, attention, segmentation
 
 
+def decoder_description(name):
+    """A decoder as the model card names it: its registry name and the start of its class docstring, up to
+    the first colon or full stop that ends a sentence (the paper and the idea: "Xu et al. 2015, soft
+    attention"), so a newly registered decoder describes itself."""
+    from captioning.models import DECODERS
+    doc = " ".join((getattr(DECODERS.get(name), "__doc__", None) or "").split("\n\n")[0].split())
+    summary = re.split(r":|\.\s+(?=[A-Z])", doc, maxsplit=1)[0].strip().rstrip(".,;")
+    return f"{name} ({summary})" if summary else name
+
+
 def model_card(captioner, path):
     from captioning.checkpoint import describe, split_scores, summarize
+    from captioning.models import DECODERS
     from captioning.render import save_training_curves
     ckpt, cfg = captioner.ckpt, captioner.config
     summary = summarize(ckpt)
     st.markdown(md(describe(summary)))
-    decoder = ("soft-attention LSTM (Show, Attend and Tell)" if cfg.decoder == "attention"
-               else "LSTM (Show and Tell)")
-    sizes = f"embedding {cfg.embed_dim}, hidden {cfg.hidden_dim}" + (
-        f", attention {cfg.attention_dim}" if cfg.decoder == "attention" else "")
+    attends = getattr(DECODERS.get(cfg.decoder), "uses_grid", False)   # the attention decoders
+    sizes = f"embedding {cfg.embed_dim}, hidden {cfg.hidden_dim}" + (f", attention {cfg.attention_dim}" if attends
+                                                                     else "")
     facts = {"file": str(path), "encoder": f"{captioner.spec.name} ({captioner.spec.weights or 'random'} weights)",
-             "decoder": decoder, "sizes": sizes, "vocabulary": f"{len(captioner.vocab):,} words",
+             "decoder": decoder_description(cfg.decoder), "sizes": sizes,
+             "vocabulary": f"{len(captioner.vocab):,} words",
              "epochs trained": str(summary["epoch"])}
     st.table({"": list(facts), "value": list(facts.values())})
     history = ckpt.get("history") or []

@@ -276,17 +276,7 @@ def load_dataset(root):
 
 def _load_dataset(root):
     given = Path(os.path.abspath(os.path.expanduser(str(root))))
-    if not given.exists():
-        raise CaptioningError(f"Dataset folder {given} does not exist.")
-    if given.is_file():  # the annotation file itself
-        layout = _layout_of(given.name)
-        if layout is None:
-            raise CaptioningError(f"{given} is not an annotation file of a known layout ({', '.join(LAYOUTS)}).")
-        folder = given.parent.parent if given.parent.name == "annotations" else given.parent
-        files = [given]
-    else:
-        folder, (layout, files) = _find(given)
-
+    folder, layout, files = _locate(given)
     entries, skipped = [], 0
     for path in files:
         found, bad = _parse(layout, path, folder)
@@ -294,26 +284,9 @@ def _load_dataset(root):
         skipped += bad
     if layout == SIDECARS:   # photos that have no caption yet are left out, and counted
         skipped += len(layouts.find_sidecar_photos(folder)[1])
-    # Where images may be: Images/ (Kaggle), train2014/ for captions_train2014.json (official COCO), the folder;
-    # Kaggle's Flickr30k nests flickr30k_images/, Flickr8k's original zips sit Flickr8k_text/ beside the photos.
-    bases = [folder / "Images", folder / "images", folder / "flickr30k_images"]
-    bases += [folder / p.stem.removeprefix("captions_") for p in files if layout == "coco"] + [folder]
-    if layout == "flickr8k-text":
-        bases += [d / n for d in (folder, folder.parent) for n in ("Flicker8k_Dataset", "Flickr8k_Dataset")]
 
-    # Group by image (a name may appear in several files), strip captions and drop empty ones.
-    grouped = {}
-    for names, caps, split in entries:
-        caps = [c.strip() for c in caps if isinstance(c, str) and _has_words(c)]
-        if not caps:
-            continue
-        if names in grouped:
-            grouped[names][0].extend(caps)
-        else:
-            grouped[names] = (caps, split)
-
-    index, missing, found = _ImageIndex(bases), 0, []
-    for names, (caps, split) in grouped.items():
+    index, missing, found = _ImageIndex(_image_bases(folder, layout, files)), 0, []
+    for names, (caps, split) in _by_image(entries).items():
         path = index.find(names)
         if path is None:
             missing += 1
@@ -323,19 +296,63 @@ def _load_dataset(root):
         where = f"; {missing} images listed but none found under {folder}" if missing else ""
         raise CaptioningError(f"No captioned images in {', '.join(str(p) for p in files)}{where}.")
 
-    # Splits: the dataset's own (Karpathy), else official split files (Flickr8k), else a hash of the file name.
+    found, unsplit = _with_splits(found, layout, [folder, folder / "splits", given, given / "splits"])
+    records = sorted((Record(p, c, s) for p, c, s in found), key=lambda r: str(r.image))
+    if not records:
+        raise CaptioningError(f"No images of {folder} are listed in its split files.")
+    return Dataset(root=folder, layout=layout, records=records, missing=missing, unsplit=unsplit, skipped=skipped)
+
+
+def _locate(given):
+    """(dataset folder, layout, annotation files) for a folder or an annotation file itself."""
+    if not given.exists():
+        raise CaptioningError(f"Dataset folder {given} does not exist.")
+    if not given.is_file():
+        folder, (layout, files) = _find(given)
+        return folder, layout, files
+    layout = _layout_of(given.name)
+    if layout is None:
+        raise CaptioningError(f"{given} is not an annotation file of a known layout ({', '.join(LAYOUTS)}).")
+    folder = given.parent.parent if given.parent.name == "annotations" else given.parent
+    return folder, layout, [given]
+
+
+def _image_bases(folder, layout, files):
+    """The folders where a layout's images may be, most likely first."""
+    # Images/ (Kaggle), train2014/ for captions_train2014.json (official COCO), the folder itself; Kaggle's
+    # Flickr30k nests flickr30k_images/, Flickr8k's original zips sit Flickr8k_text/ beside the photos.
+    bases = [folder / "Images", folder / "images", folder / "flickr30k_images"]
+    bases += [folder / p.stem.removeprefix("captions_") for p in files if layout == "coco"] + [folder]
+    if layout == "flickr8k-text":
+        bases += [d / n for d in (folder, folder.parent) for n in ("Flicker8k_Dataset", "Flickr8k_Dataset")]
+    return bases
+
+
+def _by_image(entries):
+    """{image names: (captions, split)}: a name may appear in several files; captions are stripped and
+    those without a word dropped, and so are images left with none."""
+    grouped = {}
+    for names, caps, split in entries:
+        caps = [c.strip() for c in caps if isinstance(c, str) and _has_words(c)]
+        if not caps:
+            continue
+        if names in grouped:
+            grouped[names][0].extend(caps)
+        else:
+            grouped[names] = (caps, split)
+    return grouped
+
+
+def _with_splits(found, layout, split_folders):
+    """Each (path, captions, split) with its split: the dataset's own (Karpathy), else the official split
+    files (Flickr8k; images not in them are left out and counted), else a hash of the file name.
+    Returns (found, how many were left out)."""
     unsplit = 0
-    official = None
-    if layout in ("flickr8k", "flickr8k-text"):
-        official = _read_split_files([folder, folder / "splits", given, given / "splits"])
+    official = _read_split_files(split_folders) if layout in ("flickr8k", "flickr8k-text") else None
     if official is not None:
         kept = [(p, c, official[p.name]) for p, c, _ in found if p.name in official]
         unsplit, found = len(found) - len(kept), kept
     if any(s is None for _, _, s in found):
         hashed = _hash_split(sorted({p.name for p, _, s in found if s is None}))
         found = [(p, c, s or hashed[p.name]) for p, c, s in found]
-
-    records = sorted((Record(p, c, s) for p, c, s in found), key=lambda r: str(r.image))
-    if not records:
-        raise CaptioningError(f"No images of {folder} are listed in its split files.")
-    return Dataset(root=folder, layout=layout, records=records, missing=missing, unsplit=unsplit, skipped=skipped)
+    return found, unsplit

@@ -39,6 +39,7 @@ def run_demo(workdir=".", n_images=600, epochs=8, device="auto", seed=0, show=8)
     from .captioner import Captioner, caption_files
     from .datasets import load_dataset
     from .features import ExtractConfig
+    from .outputs import OutputConfig
     from .search import SearchConfig
     from .synthetic import describe, make_shapes_dataset, shapes_truth, truth_for_image
     from .train import train
@@ -56,8 +57,9 @@ def run_demo(workdir=".", n_images=600, epochs=8, device="auto", seed=0, show=8)
     truth = shapes_truth(data)
     test = load_dataset(data).split("test")
     captioner = Captioner.load(best, device=device)
-    results = caption_files(captioner, [r.image for r in test], SearchConfig(beam_size=3),
-                            output=home / "captioned")
+    # Photo only: a mirrored shape is on the other side, and the captions say which side.
+    results = caption_files(captioner, [r.image for r in test], SearchConfig(beam_size=3, mirror=False),
+                            OutputConfig(output=home / "captioned"))
     rows = [(r.image, r.captions[0], truth_for_image(truth, r.image)) for r in results]
     accuracy = sum(caption_is_right(c, t) for _, c, t in rows) / max(len(rows), 1)
 

@@ -1,7 +1,7 @@
 """Caption metrics: BLEU-1..4, METEOR, ROUGE-L and CIDEr-D, computed with the COCO caption scorers.
 
-This module only scores text against text. Running a model over a split to get the captions is done
-elsewhere; it hands the results to `score_captions`, `print_metrics_table` and `write_report`.
+This module only scores text against text. Running a model over a split to get the captions is
+evaluation.py's; it hands the results to `score_captions`, `print_metrics_table` and `write_report`.
 
 The scorers (pycocoevalcap) are imported lazily so that importing this module stays cheap. Two of
 them need Java: the Stanford PTB tokenizer and METEOR. Without Java we tokenize with a pure-Python
@@ -201,28 +201,44 @@ def score_captions(candidates, references, metrics=METRICS, use_java=None):
 
     use_java: None picks the Java PTB tokenizer and METEOR when Java works, False forces the pure-Python
     tokenizer and skips METEOR, True requires Java."""
-    java_declined = use_java is False
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise CaptioningError(f"Unknown metric(s) {', '.join(sorted(unknown))}; known: {', '.join(METRICS)}.")
+    refs = _references(candidates, references)
+    java = java_available() if use_java is None else use_java
+    if use_java and not java_available():
+        raise CaptioningError("Java was asked for but no working `java` was found on PATH.")
+    gts, res = _tokenized(candidates, refs, java)
+    scores = {name: None for name in SCORE_KEYS}
+    # The scorers print progress (Bleu prints its n-gram counts); stdout must stay clean for --json.
+    with contextlib.redirect_stdout(io.StringIO()):
+        scores.update(_coco_scores(gts, res, metrics))
+        if "METEOR" in metrics:
+            if java:
+                scores["METEOR"], message = _meteor(gts, res)
+            else:
+                message = "METEOR skipped: Java not used." if use_java is False else METEOR_SKIPPED
+            if message:
+                console.print(message, style="yellow", markup=False)
+    return scores
+
+
+def _references(candidates, references):
+    """{key: cleaned non-empty references} for every candidate; one clear error when any has none."""
     if not candidates:
         raise CaptioningError("There are no captions to score.")
-    keys = list(candidates)
-    refs = {}
-    for k in keys:
-        rs = [_clean(r) for r in references.get(k, ())]
-        refs[k] = [r for r in rs if r]
-    missing = [k for k in keys if not refs[k]]
+    refs = {k: [r for r in (_clean(r) for r in references.get(k, ())) if r] for k in candidates}
+    missing = [k for k in candidates if not refs[k]]
     if missing:
-        raise CaptioningError(f"{len(missing)} of {len(keys)} captioned images have no reference captions "
+        raise CaptioningError(f"{len(missing)} of {len(refs)} captioned images have no reference captions "
                               f"(first: {missing[0]}).")
-    if use_java is None:
-        use_java = java_available()
-    elif use_java and not java_available():
-        raise CaptioningError("Java was asked for but no working `java` was found on PATH.")
+    return refs
 
-    # Tokenize everything in one batch (one Java start). The scorers want string ids.
-    ids = {k: str(i) for i, k in enumerate(keys)}
+
+def _tokenized(candidates, refs, use_java):
+    """PTB-tokenize everything in one batch (one Java start) → (gts, res) as the scorers want them:
+    {string id: [tokens of each reference]}, {string id: [tokens of the candidate]}."""
+    keys = list(candidates)
     flat = [_clean(candidates[k]) for k in keys] + [r for k in keys for r in refs[k]]
     nonempty = [i for i, t in enumerate(flat) if t]  # empty lines are not sent to Java at all
     tokens = [""] * len(flat)
@@ -232,39 +248,34 @@ def score_captions(candidates, references, metrics=METRICS, use_java=None):
     else:
         for i in nonempty:
             tokens[i] = ptb_tokenize(flat[i])
-    res = {ids[k]: [tokens[j]] for j, k in enumerate(keys)}
+    res = {str(i): [tokens[i]] for i in range(len(keys))}
     gts, j = {}, len(keys)
-    for k in keys:
-        gts[ids[k]] = tokens[j:j + len(refs[k])]
+    for i, k in enumerate(keys):
+        gts[str(i)] = tokens[j:j + len(refs[k])]
         j += len(refs[k])
+    return gts, res
 
-    scores = {name: None for name in SCORE_KEYS}
-    # The scorers print progress (Bleu prints its n-gram counts); stdout must stay clean for --json.
-    with contextlib.redirect_stdout(io.StringIO()):
-        if "BLEU" in metrics:
-            from pycocoevalcap.bleu.bleu import Bleu
-            bleu, _ = Bleu(4).compute_score(gts, res)
-            for n, value in enumerate(bleu, 1):
-                scores[f"BLEU-{n}"] = float(value)
-        if "ROUGE_L" in metrics:
-            from pycocoevalcap.rouge.rouge import Rouge
-            scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-        if "CIDEr" in metrics:
-            from pycocoevalcap.cider.cider import Cider
-            # pycocoevalcap's Cider is CIDEr-D and takes its idf from the references passed in, so a
-            # score depends on the evaluated set: compare models only on the same split. With a single
-            # image every n-gram has idf 0 and CIDEr-D is 0 by construction.
-            if any(r for rs in gts.values() for r in rs):
-                scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
-            else:  # no reference n-grams at all: Cider's idf step would fail on an empty table
-                scores["CIDEr-D"] = 0.0
-        if "METEOR" in metrics:
-            if use_java:
-                scores["METEOR"], message = _meteor(gts, res)
-            else:
-                message = "METEOR skipped: Java not used." if java_declined else METEOR_SKIPPED
-            if message:
-                console.print(message, style="yellow", markup=False)
+
+def _coco_scores(gts, res, metrics):
+    """BLEU-1..4, ROUGE-L and CIDEr-D (those in `metrics`) from pycocoevalcap's scorers."""
+    scores = {}
+    if "BLEU" in metrics:
+        from pycocoevalcap.bleu.bleu import Bleu
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        for n, value in enumerate(bleu, 1):
+            scores[f"BLEU-{n}"] = float(value)
+    if "ROUGE_L" in metrics:
+        from pycocoevalcap.rouge.rouge import Rouge
+        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    if "CIDEr" in metrics:
+        from pycocoevalcap.cider.cider import Cider
+        # pycocoevalcap's Cider is CIDEr-D and takes its idf from the references passed in, so a
+        # score depends on the evaluated set: compare models only on the same split. With a single
+        # image every n-gram has idf 0 and CIDEr-D is 0 by construction.
+        if any(r for rs in gts.values() for r in rs):
+            scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
+        else:  # no reference n-grams at all: Cider's idf step would fail on an empty table
+            scores["CIDEr-D"] = 0.0
     return scores
 
 
@@ -288,55 +299,3 @@ def write_report(path, scores, captions, settings=None):
     report = {"scores": {k: (None if v is None else float(v)) for k, v in scores.items()},
               "settings": dict(settings or {}), "captions": list(captions)}
     return atomic_write_json(path, report)
-
-
-# -----------------------------------------------------------------------------
-# a model on a dataset split
-
-def evaluate_model(data_dir, split="test", model=None, workdir=".", search_cfg=None, device="auto", output=None,
-                   batch_size=100, ensemble=()):
-    """Caption every image of `split` (features from the cache, extracted when missing) with batched beam
-    search, score against all references, print the table and write the JSON report. Returns the scores."""
-    import torch
-
-    from .captioner import Captioner
-    from .checkpoint import models_dir, report_path
-    from .features import ExtractConfig, extract_features
-    from .search import SearchConfig
-    from .store import load_features
-    from .prepare import prepare
-    from .utils import add_task, advance_task, make_progress
-
-    search_cfg = search_cfg or SearchConfig()
-    captioner = Captioner.load(model, workdir, device, ensemble)
-    if not isinstance(captioner, Captioner):
-        raise CaptioningError(f"{captioner.source} is an ONNX export, which captions photos only; evaluate the .pt "
-                              "model it was exported from.")
-    _, records, store = prepare(data_dir, workdir, captioner.spec, ExtractConfig(device=device))
-    mirror = extract_features(store.paths, captioner.spec, workdir, ExtractConfig(device=device, mirror=True)) \
-        if search_cfg.mirror else None
-    records = [r for r in records if r.split == split]
-    if not records:
-        raise CaptioningError(f"The dataset has no images in its '{split}' split.")
-    row_of = store.row_of()
-    rows = torch.tensor([row_of[str(r.image)] for r in records])
-    captions = []
-    with make_progress(transient=True) as bar:
-        task = add_task(bar, f"Captioning {split}", len(records), unit="img")
-        for i in range(0, len(records), batch_size):
-            feats = load_features(store, rows[i:i + batch_size], captioner.decoder.uses_grid, captioner.device)
-            if mirror is not None:   # the photos' and their mirror images' features side by side
-                feats = torch.cat([feats, load_features(mirror, rows[i:i + batch_size], captioner.decoder.uses_grid,
-                                                        captioner.device)], -1)
-            captions += [captioner.vocab.decode(h[0].tokens) for h in captioner.search(feats, search_cfg)]
-            advance_task(bar, task, len(feats))
-    keys = [str(r.image) for r in records]
-    scores = score_captions(dict(zip(keys, captions)), {str(r.image): r.captions for r in records})
-    print_metrics_table(scores, title=f"{split} split, {len(records):,} images, beam {search_cfg.beam_size}")
-    output = output or report_path(models_dir(workdir), split)
-    settings = {"split": split, "images": len(records), "model": str(captioner.source), "beam_size": search_cfg.beam_size,
-                "length_alpha": search_cfg.length_alpha, "max_len": search_cfg.max_len, "mirror": search_cfg.mirror}
-    write_report(output, scores, [{"image": k, "caption": c, "references": r.captions}
-                                  for k, c, r in zip(keys, captions, records)], settings)
-    console.print(f"Report written to {output}")
-    return scores

@@ -6,8 +6,10 @@ leaks memory when hundreds of images are captioned. Every PNG is written atomica
 """
 import functools
 import math
+import struct
 import textwrap
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +144,31 @@ def save_captioned_image(image, caption, path):
         x = margin if several else (width - font.getlength(line)) / 2
         draw.text((x, y), line, fill="black", font=font)
         y += line_h
-    # compress_level 1: a third of the default's time for a file about 1.3x larger.
-    return atomic_write(path, lambda f: canvas.save(f, format="PNG", compress_level=1))
+    data = png_bytes(canvas)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(image):
+    """An RGB image as a PNG file's bytes (8-bit RGB, no metadata): every row "Up"-filtered (its difference
+    from the row above, modulo 256), then deflated at level 1.
+
+    Why not Pillow's encoder: it tries all five PNG filters on every row, which was half of its 30 ms on a
+    captioned photo (800 x 854 px). One filter in numpy takes 1 ms and, on a photo over white, gives files as
+    small (about 650 kB either way); the pixels are the same, losslessly."""
+    rows = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    h, w, _ = rows.shape
+    rows = rows.reshape(h, w * 3)
+    filtered = np.empty((h, w * 3 + 1), np.uint8)
+    filtered[:, 0] = 2                                    # the filter type byte: Up
+    filtered[0, 1:] = rows[0]                             # above the first row is zeros
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])   # uint8: wraps modulo 256, as PNG's filter does
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)    # 8 bits, truecolour, deflate, filtered, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1))
+            + _chunk(b"IEND", b""))
 
 
 def _as_maps(alphas, n_words):

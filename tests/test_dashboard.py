@@ -174,7 +174,9 @@ def test_the_model_card(app, workdir):
     assert dashboard().md(describe(summarize(ckpt))) in shown
     assert "training history" in image_captions(at)
     facts = at.table[0].value
-    assert "resnet18" in facts.loc[1, "value"] and "Show, Attend and Tell" in facts.loc[2, "value"]
+    assert "resnet18" in facts.loc[1, "value"] and facts.loc[2, "value"] == "attention (Xu et al. 2015, soft attention)"
+    m = ckpt["model_config"]
+    assert facts.loc[3, "value"] == f"embedding {m['embed_dim']}, hidden {m['hidden_dim']}, attention {m['attention_dim']}"
     assert facts.loc[4, "value"] == f"{len(ckpt['vocab'])} words"
     kept = [h for h in ckpt["history"] if h["best"]][-1]
     assert dict(zip(at.table[1].value["metric"], at.table[1].value["score"])) == {
@@ -186,6 +188,16 @@ def test_the_model_card(app, workdir):
     at = app("--workdir", workdir, "--no-segmentation")
     assert "**Test split scores** (from eval\\_test\\.json)" in texts(at.markdown)
     assert list(at.table[-1].value["score"]) == ["0.2500", "0.5000", "skipped"]
+
+
+def test_decoder_descriptions_come_from_the_registry():
+    from captioning.models import DECODERS
+    described = {name: dashboard().decoder_description(name) for name in DECODERS}
+    assert described["lstm"] == "lstm (Vinyals et al. 2015)"
+    assert described["updown"] == "updown (Anderson et al. 2018, top-down attention with two LSTMs)"
+    for name, text in described.items():   # a new decoder describes itself from its docstring
+        assert text.startswith(f"{name} (") and text.endswith(")") and len(text) > len(name) + 10
+    assert dashboard().decoder_description("unknown") == "unknown"
 
 
 def test_segmentation_beside_the_caption(app, workdir, photos, monkeypatch):

@@ -1,0 +1,45 @@
+"""Tests for captioning/evaluation.py: a model run over a split, scored, and its report."""
+import json
+
+import pytest
+
+from captioning.captioner import Captioner
+from captioning.evaluate import score_captions
+from captioning.features import extract_features
+from captioning.evaluation import EvalRun, caption_split, evaluate_model
+from captioning.features import ExtractConfig
+from captioning.prepare import prepare
+from captioning.search import SearchConfig
+from captioning.utils import CaptioningError
+
+
+def test_evaluate_model_captions_the_split_and_scores_its_report(attention_model, shapes_data, tmp_path):
+    workdir, ckpt = attention_model   # its workdir holds the feature cache: nothing to extract
+    report = tmp_path / "val.json"
+    run = EvalRun(shapes_data, split="val", model=ckpt, workdir=workdir, device="cpu", output=report, batch_size=7)
+    scores = evaluate_model(run, SearchConfig(beam_size=2))
+    written = json.loads(report.read_text())
+    captioner = Captioner.load(ckpt, device="cpu")
+    _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))
+    val = [r for r in records if r.split == "val"]
+    assert [c["image"] for c in written["captions"]] == [str(r.image) for r in val]   # every image, in order
+    assert written["settings"] == {"split": "val", "images": len(val), "model": str(ckpt), "beam_size": 2,
+                                   "length_alpha": SearchConfig().length_alpha, "max_len": SearchConfig().max_len,
+                                   "mirror": True}
+    assert written["scores"] == scores and scores["CIDEr-D"] > 0
+    # The captions are the model's beam search on the cached features (7 at a time as all at once), and
+    # the scores are evaluate.py's on them.
+    mirror = extract_features(store.paths, captioner.spec, workdir, ExtractConfig(device="cpu", mirror=True))
+    at_once = caption_split(captioner, [store, mirror], val, SearchConfig(beam_size=2), batch_size=len(val))
+    assert [c["caption"] for c in written["captions"]] == at_once
+    again = score_captions({c["image"]: c["caption"] for c in written["captions"]},
+                           {c["image"]: c["references"] for c in written["captions"]})
+    assert again == pytest.approx(scores)
+
+
+def test_a_split_without_images_is_one_sentence(attention_model, shapes_data, tmp_path):
+    workdir, ckpt = attention_model
+    with pytest.raises(CaptioningError, match="The dataset has no images in its 'holdout' split."):
+        evaluate_model(EvalRun(shapes_data, split="holdout", model=ckpt, workdir=workdir, device="cpu",
+                               output=tmp_path / "r.json"))
+    assert not (tmp_path / "r.json").exists()
