@@ -157,7 +157,9 @@ def starting_point(workdir, cfg, spec, resume):
             raise CaptioningError(f"Nothing to resume: {last_path} does not exist; train without --resume first.")
         ckpt = load_checkpoint(last_path)              # every rank reads the same file
         runtime = {k: getattr(cfg, k) for k in RUNTIME}
-        cfg = TrainConfig(**{**ckpt["train_config"], "model": ModelConfig(**ckpt["model_config"]), **runtime})
+        # A run saved before --lr-schedule and --flip existed goes on as it started: plateau, no mirror images.
+        saved = {"lr_schedule": "plateau", "flip": False, **ckpt["train_config"]}
+        cfg = TrainConfig(**{**saved, "model": ModelConfig(**ckpt["model_config"]), **runtime})
         return ckpt, True, cfg, EncoderSpec(**ckpt["encoder"])   # the features it was trained on
     if cfg.objective != "scst":
         return None, False, cfg, spec

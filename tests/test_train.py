@@ -221,3 +221,19 @@ def test_optimizer_is_plain_adamw_where_torch_has_no_fused_kernel(monkeypatch):
     optimizer.step()
     for p in params:
         assert torch.allclose(p, torch.full_like(p, 1 - cfg.lr * (1 + cfg.weight_decay)), atol=1e-6)
+
+
+def test_a_run_saved_before_the_schedule_and_flip_options_resumes_as_it_started(lstm_model, tmp_path):
+    """last.pt files written before --lr-schedule and --flip existed hold a plateau scheduler's state and
+    were trained without mirror images: --resume goes on that way, whatever today's defaults are."""
+    from captioning.config import TrainConfig
+    from captioning.encoders import EncoderSpec
+    from captioning.train import starting_point
+    ckpt = torch.load(lstm_model[0] / "models" / "last.pt", weights_only=True)
+    for key in ("lr_schedule", "flip"):
+        ckpt["train_config"].pop(key)
+    (tmp_path / "models").mkdir()
+    torch.save(ckpt, tmp_path / "models" / "last.pt")
+    _, resuming, cfg, _ = starting_point(tmp_path, TrainConfig(), EncoderSpec(), resume=True)
+    assert resuming and cfg.lr_schedule == "plateau" and cfg.flip is False
+    assert TrainConfig().lr_schedule == "cosine" and TrainConfig().flip   # the defaults for new runs
