@@ -11,7 +11,7 @@ from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summariz
 from .encoders import EncoderSpec, build_encoder, load_image
 from .features import pick_device
 from .models import Ensemble, MirrorPair, ModelConfig, build_decoder
-from .outputs import PNG_WORKERS, OutputConfig, Result, caption_photos, make_results  # noqa: F401
+from .outputs import PNG_WORKERS, OutputConfig, Pending, Result, caption_photos, make_results  # noqa: F401
 from .npsearch import SEARCH_BATCH  # noqa: F401 (one batch size for both runtimes)
 from .search import SearchConfig, search
 from .tuning import fold_batchnorm
@@ -148,16 +148,7 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workd
     settings = choose_settings(ExtractConfig(batch_size=batch_size, device=str(captioner.device)),
                                captioner.device, captioner.spec.name, trunk, prep.crop, workdir, len(photos))
     _set_format(trunk, settings.channels_last)
-    results, failures, feats, waiting = [], [], [], []
-
-    def search():
-        hyps = captioner.search(torch.cat(feats), cfg, keep_alphas)
-        for photo, res in zip(waiting, captioner.results([str(p.path) for p in waiting], hyps)):
-            sink.submit(photo, res)
-            results.append(res)
-        feats.clear()
-        waiting.clear()
-
+    pending, failures = Pending(captioner, cfg, keep_alphas, sink, torch.cat), []
     with make_progress(transient=True) as bar:
         task = add_task(bar, "Captioning", len(photos), unit="img")
         for rows, images, ok in image_batches([str(p.path) for p in photos], 0, prep, settings, captioner.device):
@@ -167,14 +158,12 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workd
             if keep:
                 x = prep.batch(images[keep] if len(keep) < len(ok) else images, captioner.device,
                                settings.channels_last)
-                feats.append(captioner.encode_batch(x, cfg.mirror))
-                waiting += [photos[rows[i]] for i in keep]
-            if len(waiting) >= SEARCH_BATCH:
-                search()
+                pending.add([photos[rows[i]] for i in keep], captioner.encode_batch(x, cfg.mirror))
+            if len(pending.photos) >= SEARCH_BATCH:
+                pending.flush()
             advance_task(bar, task, len(rows))
-        if waiting:
-            search()
-    return results, failures
+        pending.flush()
+    return pending.results, failures
 
 
 def _why_unreadable(path):

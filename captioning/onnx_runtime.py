@@ -21,7 +21,7 @@ import numpy as np
 from .config import SearchConfig
 from .images import load_image, normalise, resize_crop, to_rgb
 from .npsearch import SEARCH_BATCH, search
-from .outputs import OutputConfig, caption_photos, make_results
+from .outputs import OutputConfig, Pending, caption_photos, make_results
 from .utils import CaptioningError, add_task, advance_task, make_progress
 from .vocab import Vocabulary
 
@@ -201,31 +201,21 @@ def caption_files(captioner, inputs, cfg: SearchConfig, paths=None, outputs=None
 
 
 def _caption_stream(captioner, photos, cfg, sink, keep_alphas):
-    results, failures, feats, waiting = [], [], [], []
-
-    def search_waiting():
-        hyps = captioner.search(np.concatenate(feats), cfg, keep_alphas)
-        for photo, res in zip(waiting, captioner.results([str(p.path) for p in waiting], hyps)):
-            sink.submit(photo, res)
-            results.append(res)
-        feats.clear()
-        waiting.clear()
-
+    pending, failures = Pending(captioner, cfg, keep_alphas, sink, np.concatenate), []
     with make_progress(transient=True) as bar:
         task = add_task(bar, "Captioning", len(photos), unit="img")
         for i in range(0, len(photos), ENCODE_BATCH):
-            chunk, arrays = photos[i:i + ENCODE_BATCH], []
+            chunk, arrays, good = photos[i:i + ENCODE_BATCH], [], []
             for photo in chunk:
                 try:   # the JPEG decoder may skip detail the resize drops anyway (as feature extraction does)
                     arrays.append(captioner.preprocess(load_image(photo.path, captioner.prep["resize"])))
-                    waiting.append(photo)
+                    good.append(photo)
                 except CaptioningError as e:   # one bad file must not cost the others
                     failures.append(str(e))
             if arrays:
-                feats.append(captioner.encode_batch(np.stack(arrays), cfg.mirror))
-            if len(waiting) >= SEARCH_BATCH:
-                search_waiting()
+                pending.add(good, captioner.encode_batch(np.stack(arrays), cfg.mirror))
+            if len(pending.photos) >= SEARCH_BATCH:
+                pending.flush()
             advance_task(bar, task, len(chunk))
-        if waiting:
-            search_waiting()
-    return results, failures
+        pending.flush()
+    return pending.results, failures

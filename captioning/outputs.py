@@ -315,6 +315,28 @@ class Outputs:
             rows.close()
 
 
+class Pending:
+    """Photos encoded and waiting for one batched search (either runtime): `flush` searches their features
+    together, hands each Result to `sink` and keeps it in `results`. `concat` joins feature batches."""
+
+    def __init__(self, captioner, cfg, keep_alphas, sink, concat):
+        self.captioner, self.cfg, self.keep_alphas, self.sink, self.concat = captioner, cfg, keep_alphas, sink, concat
+        self.feats, self.photos, self.results = [], [], []
+
+    def add(self, photos, feats):
+        self.photos += photos
+        self.feats.append(feats)
+
+    def flush(self):
+        if not self.photos:
+            return
+        hyps = self.captioner.search(self.concat(self.feats), self.cfg, self.keep_alphas)
+        for photo, res in zip(self.photos, self.captioner.results([str(p.path) for p in self.photos], hyps)):
+            self.sink.submit(photo, res)
+            self.results.append(res)
+        self.feats, self.photos = [], []
+
+
 def caption_photos(stream, inputs, opts: OutputConfig, paths=None, has_attention=True):
     """Caption files/folders with `stream(photos, sink) → (results, failures)` (a runtime's batched work,
     handing each Result to `sink.submit`) and write what `opts` asks for; returns the Results of the photos
