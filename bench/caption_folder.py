@@ -5,7 +5,8 @@ mobilenet_v2 + soft attention, beam 3):
                     (bench/extract_speed.py's sustained rate)
   search alone      batched beam search on those photos' features, computed beforehand
   compute stages    both in a row: 1 / (1/encoder + 1/search), what a tool with free decoding and writing gets
-  --no-png --jsonl  caption_files as `caption DIR --no-png --jsonl FILE` runs it (decoding, JSONL written)
+  --no-png --jsonl  caption_files as `caption DIR --no-png --jsonl FILE` runs it (decoding, JSONL written),
+                    with beam 3 and with the default search (mirror reading, beam 10, consensus re-ranking)
   with PNGs         caption_files as `caption DIR` runs it (a captioned PNG per photo, outputs.PNG_WORKERS
                     drawing processes), and the same with one drawing process
   today's code      caption_files and render.py as of commit BEFORE (matplotlib PNGs, batches of 8)
@@ -86,7 +87,7 @@ def main():
     args = ap.parse_args()
     header("caption_folder")
     photos = flickr_images()[-args.n:]
-    cfg = SearchConfig(beam_size=3, mirror=False)   # as the old code searches: one reading, beam 3
+    cfg = SearchConfig(beam_size=3, mirror=False, rerank=False)   # as the old code searches: one reading, beam 3
     captioner = Captioner.load("default", device="cpu")
     trunk, transform = captioner.encoder()
     enc, best = limit(trunk, Preprocess(transform).crop, (1, 4, 16), 1.0)
@@ -100,6 +101,8 @@ def main():
             png=False, jsonl=str(tmp / "out.jsonl")), workdir=tmp), n)
         pngs = timed(lambda: caption_files(captioner, [folder], cfg, OutputConfig(output=str(tmp / "pngs")),
                                            workdir=tmp), n)
+        default = timed(lambda: caption_files(captioner, [folder], SearchConfig(), outputs=OutputConfig(
+            png=False, jsonl=str(tmp / "default.jsonl")), workdir=tmp), n)
         workers, outputs.PNG_WORKERS = outputs.PNG_WORKERS, 1
         one_drawer = timed(lambda: caption_files(captioner, [folder], cfg, OutputConfig(output=str(tmp / "pngs1")),
                                                  workdir=tmp), n)
@@ -110,6 +113,8 @@ def main():
             ["beam search alone (batches of %d, beam 3)" % SEARCH_BATCH, f"{search:.1f}", ""],
             ["compute stages in a row", f"{stages:.1f}", "1.00x"],
             ["caption DIR --no-png --jsonl", f"{no_png:.1f}", f"{no_png / stages:.2f}x of compute stages"],
+            ["caption DIR --no-png --jsonl, the default search (mirror, beam 10, re-ranked)", f"{default:.1f}",
+             f"{default / no_png:.2f}x of beam 3"],
             [f"caption DIR (PNGs, {workers} drawing processes)", f"{pngs:.1f}",
              f"{pngs / before:.1f}x today's" if before else ""],
             ["caption DIR (PNGs, 1 drawing process)", f"{one_drawer:.1f}",

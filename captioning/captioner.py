@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .checkpoint import BUILTIN, describe, find_model, load_checkpoint, summarize
+from .checkpoint import BUILTIN, checkpoint_memory, describe, find_model, load_checkpoint, summarize
 from .encoders import EncoderSpec, build_encoder, load_image
 from .features import pick_device
 from .models import Ensemble, MirrorPair, ModelConfig, build_decoder
@@ -34,6 +34,7 @@ class Captioner:
         self.decoder.to(self.device).eval()
         self.spec = EncoderSpec(**ckpt["encoder"])
         self.grid_hw = tuple(ckpt.get("grid_hw") or (0, 0))
+        self.memory = checkpoint_memory(ckpt, self.config.feat_dim)   # None: plain beam search
         self._encoder = None
 
     @classmethod
@@ -101,7 +102,7 @@ class Captioner:
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
         """`features` as encode(..., mirror=cfg.mirror) gives them."""
         decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
-        return search(decoder, features, cfg, keep_alphas=keep_alphas)
+        return search(decoder, features, cfg, keep_alphas=keep_alphas, memory=self.memory)
 
     def results(self, names, hyps):
         return make_results(self.vocab, self.grid_hw, names, hyps)

@@ -77,21 +77,24 @@ def training_checkpoint(run, epoch):
             "train_config": {k: v for k, v in asdict(cfg).items() if k != "model"},
             "optimizer_state": run.optimizer.state_dict(), "scheduler_state": run.scheduler.state_dict(),
             "generator_state": run.generator.get_state(), "torch_rng_state": torch.get_rng_state(),
-            "epoch": epoch, "best_score": run.best, "best_metric": "CIDEr-D"}
+            "epoch": epoch, "best_score": run.best, "best_metric": "CIDEr-D", "memory": run.memory}
 
 
 # What captioning needs; the rest of a training checkpoint (optimizer, RNG states) only serves --resume.
 EXPORT_KEYS = ("vocab", "model_config", "encoder", "grid_hw", "history", "train_config", "epoch",
-               "best_score", "best_metric")
+               "best_score", "best_metric", "memory")
 
 
-def export_model(source, output, reports=None):
+def export_model(source, output, reports=None, memory=None):
     """A small caption-only copy of a checkpoint: fp16 decoder weights (half the size; captions are the
     same to within rounding), no optimizer state, plus the evaluation reports given as {split: path}
-    (the scores a model card shows). It loads like any checkpoint but cannot be resumed."""
+    (the scores a model card shows), and `memory` (memory_tensors) in place of the checkpoint's own when
+    given. It loads like any checkpoint but cannot be resumed."""
     ckpt = load_checkpoint(source)
     small = {k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}
     small["decoder_state"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["decoder_state"].items()}
+    if memory is not None:
+        small["memory"] = memory
     small["evaluation"] = dict(ckpt.get("evaluation") or {})
     for split, path in (reports or {}).items():
         try:
@@ -102,6 +105,25 @@ def export_model(source, output, reports=None):
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(output, small)
     return Path(output)
+
+
+def memory_tensors(memory):
+    """A consensus.Memory as the checkpoint stores it: a dict of tensors."""
+    import torch
+    return {k: torch.from_numpy(v) for k, v in memory.to_arrays().items()}
+
+
+def checkpoint_memory(ckpt, channels):
+    """The consensus memory a checkpoint carries (consensus.py), or None: checkpoints written before it
+    existed have none and caption with plain beam search."""
+    from .consensus import memory_from_arrays
+    try:
+        memory = memory_from_arrays({k: v.numpy() for k, v in (ckpt.get("memory") or {}).items()})
+        if memory is not None:
+            memory.check(channels)
+        return memory
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CaptioningError("The model file's consensus memory is damaged; export the model again.") from e
 
 
 def models_dir(workdir):

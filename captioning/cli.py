@@ -132,6 +132,8 @@ def build_parser():
     p.add_argument("--model", help="checkpoint to export (default: models/best.pt in the workdir)")
     p.add_argument("--output", required=True, help="where to write it, e.g. captioning/assets/default_model.pt "
                    "(a folder for --format onnx)")
+    p.add_argument("--data", help="give the model the consensus memory of this dataset's training photos (the one it "
+                   "was trained on), for models trained before checkpoints carried it")
     add_options(p, ExportConfig)
     ensemble_option(p)
 
@@ -237,15 +239,35 @@ def cmd_export(args):
     from .checkpoint import export_model, find_model, report_path
     cfg = from_args(ExportConfig, args)
     if cfg.format == "onnx":
+        if args.data:
+            raise CaptioningError("--data works with .pt exports; export the .pt with it first, then the ONNX folder.")
         return export_onnx_folder(args)
     if args.ensemble:
         raise CaptioningError("--ensemble exports only with --format onnx (a .pt file holds one model).")
     source = find_model(args.workdir, args.model)
     reports = {split: report_path(source.parent, split) for split in ("val", "test")}
     reports = {split: path for split, path in reports.items() if path.exists()}
-    out = export_model(source, args.output, reports)
+    memory = data_memory(clean_user_path(args.data), args.workdir, source, args.device) if args.data else None
+    out = export_model(source, args.output, reports, memory)
     found = ", ".join(reports) if reports else "none found beside the model"
     console.print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; evaluation reports: {found})")
+
+
+def data_memory(data_dir, workdir, source, device):
+    """The consensus memory of a dataset's training photos for the model at `source` (its encoder's
+    features, extracted into the workdir when missing; its vocabulary)."""
+    from .checkpoint import load_checkpoint, memory_tensors
+    from .consensus import training_memory
+    from .encoders import EncoderSpec
+    from .features import ExtractConfig
+    from .prepare import prepare
+    from .vocab import Vocabulary
+    ckpt = load_checkpoint(source)
+    _, records, store = prepare(data_dir, workdir, EncoderSpec(**ckpt["encoder"]), ExtractConfig(device=device))
+    train = [r for r in records if r.split == "train"]
+    if not train:
+        raise CaptioningError(f"{data_dir} has no training photos to build the memory from.")
+    return memory_tensors(training_memory(train, store, Vocabulary(ckpt["vocab"])))
 
 
 def export_onnx_folder(args):

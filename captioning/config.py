@@ -84,6 +84,11 @@ class SearchConfig:
     mirror: bool = setting(True, "also read each photo mirrored left to right and search with the mean of the two "
                                  "readings' word probabilities (better captions, about twice the compute)",
                            action=argparse.BooleanOptionalAction)
+    rerank: bool = setting(True, "choose the first caption among the model's --rerank-pool best by agreement (CIDEr-D) "
+                                 "with the captions of the --neighbours most similar training photos (models that "
+                                 "carry them; README, Results)", action=argparse.BooleanOptionalAction)
+    rerank_pool: int = setting(10, "re-ranking: beam width and the number of candidates", "positive")
+    neighbours: int = setting(30, "re-ranking: training photos whose captions vote", "positive")
     seed: int = 0                  # diversity "sample": the same photo gets the same captions (--seed)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import SearchConfig
+from .consensus import candidates
 from .vocab import END, PAD, START, UNK
 
 NEG_INF = np.float32(-np.inf)
@@ -229,13 +230,13 @@ def fill_nbest(beams, samples, num_captions):
     return out
 
 
-def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=False):
+def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=False, memory=None):
     """The N best captions per image, as search.search finds them (its samples drawn by numpy's generator)."""
+    beams = candidates(lambda c: beam_search(decoder, features, c, keep_alphas), lambda: features, cfg, memory)
     if cfg.num_captions == 1 or cfg.diversity == "beam":
-        return beam_search(decoder, features, cfg, keep_alphas)
+        return [b[:cfg.num_captions] for b in beams]
     if cfg.diversity != "sample":
         raise ValueError(f"unknown diversity '{cfg.diversity}' (expected 'sample' or 'beam')")
-    beams = beam_search(decoder, features, cfg, keep_alphas)
     tokens, totals, lengths = sample(decoder, features, DIVERSE_SAMPLES, cfg.max_len, cfg.seed, cfg.top_p)
     picked = pick_diverse(tokens.tolist(), totals.tolist(), lengths.tolist(), [b[:1] for b in beams],
                           DIVERSE_SAMPLES, cfg)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .onnx_runtime import CONFIG, FORMAT, GRAPHS, VERSION, VOCAB, open_session, read_config
+from .onnx_runtime import CONFIG, FORMAT, GRAPHS, MEMORY, VERSION, VOCAB, open_session, read_config
 from .utils import CaptioningError, atomic_write, atomic_write_json
 
 OPSET = 17
@@ -147,6 +147,9 @@ def export_onnx(captioner, folder):
         atomic_write(folder / GRAPHS[key], lambda f, data=data: f.write(data))
     _check(folder, reference)
     atomic_write_json(folder / VOCAB, captioner.vocab.words)
+    (folder / MEMORY).unlink(missing_ok=True)
+    if captioner.memory is not None:
+        atomic_write(folder / MEMORY, lambda f: np.savez(f, **captioner.memory.to_arrays()))
     members = [captioner.decoder] if not hasattr(captioner.decoder, "members") else list(captioner.decoder.members)
     config = {"format": FORMAT, "version": VERSION, "decoder": "+".join(m.name for m in members),
               "uses_grid": bool(captioner.decoder.uses_grid), "grid_hw": list(captioner.grid_hw),

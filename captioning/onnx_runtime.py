@@ -7,6 +7,7 @@ An export (`python image_captioning.py export --format onnx --output DIR`, see o
     step.onnx      tokens [B] + every state entry → log-probabilities [B, V], the entries that change
                    (named new_<entry>), attention [B, P] for attention decoders: one word
     vocab.json     the words, position = id
+    memory.npz     the consensus memory (consensus.py), when the model carries one
     config.json    format and version, preprocessing, state layout, what the model is
 
 Beam search stays in code (npsearch.py), written once over numpy. This module must never import torch,
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import SearchConfig
+from .consensus import memory_from_arrays
 from .images import load_image, normalise, resize_crop, to_rgb
 from .npsearch import SEARCH_BATCH, search
 from .outputs import OutputConfig, Pending, caption_photos, make_results
@@ -29,6 +31,7 @@ FORMAT = "image-captioning-onnx"
 VERSION = 1
 CONFIG = "config.json"
 VOCAB = "vocab.json"
+MEMORY = "memory.npz"
 GRAPHS = {"encoder": "encoder.onnx", "init": "init.onnx", "step": "step.onnx"}
 ENCODE_BATCH = 8           # images per encoder run
 INSTALL = "pip install -r requirements-onnx.txt"
@@ -59,6 +62,19 @@ def read_config(folder):
         if not (folder / name).is_file():
             raise CaptioningError(f"{folder} is incomplete: {name} is missing; export the model again.")
     return config
+
+
+def read_memory(path, channels):
+    """The export's consensus memory, or None when it has none (plain beam search)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            memory = memory_from_arrays(dict(arrays))
+        memory.check(channels)
+        return memory
+    except (OSError, ValueError, AttributeError) as e:
+        raise CaptioningError(f"{path} is damaged; export the model again.") from e
 
 
 def _onnxruntime():
@@ -143,6 +159,7 @@ class OnnxCaptioner:
         self.decoder = OnnxDecoder(open_session(folder / GRAPHS["init"], ["grid"]),
                                    open_session(folder / GRAPHS["step"], ["tokens", *state["keys"]]),
                                    state, self.config["uses_grid"])
+        self.memory = read_memory(folder / MEMORY, self.config["feat_dim"])
 
     @classmethod
     def load(cls, model, workdir=".", device="auto", ensemble=()):
@@ -176,7 +193,8 @@ class OnnxCaptioner:
 
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
         """`features` as encode(..., mirror=cfg.mirror) gives them."""
-        return search(MirrorPair(self.decoder) if cfg.mirror else self.decoder, features, cfg, keep_alphas)
+        decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
+        return search(decoder, features, cfg, keep_alphas, memory=self.memory)
 
     def results(self, names, hyps):
         return make_results(self.vocab, self.grid_hw, names, hyps)

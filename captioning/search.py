@@ -10,6 +10,7 @@ just for having fewer terms in the sum). Greedy search is beam search with K = 1
 import torch
 
 from .config import SearchConfig
+from .consensus import candidates
 # The pure-Python parts are shared with the numpy search of the ONNX runtime, so both decide alike.
 from .npsearch import (DIVERSE_SAMPLES, MIN_DISTANCE, Hypothesis, best_distinct, done, fill_nbest,  # noqa: F401
                        pick_diverse, word_distance)
@@ -191,16 +192,18 @@ def _nucleus(probs, top_p):
     return probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
 
 
-def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=False):
-    """The N best captions per image, as a user gets them. The first is always beam search's best; with
-    diversity "beam" the others are the next-best distinct beams (often the same sentence with another
-    ending), with "sample" they are the most likely of several nucleus samples that differ from every
-    caption kept so far in at least half of their words."""
+def search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alphas=False, memory=None):
+    """The N best captions per image, as a user gets them. The first is beam search's best or, with a
+    consensus memory (consensus.py) and cfg.rerank, the best of the rerank_pool best by the vote of the nearest
+    training photos' captions; with diversity "beam" the others are the next-best distinct beams (often the
+    same sentence with another ending), with "sample" they are the most likely of several nucleus samples
+    that differ from every caption kept so far in at least half of their words."""
+    beams = candidates(lambda c: beam_search(decoder, features, c, keep_alphas),
+                       lambda: features.float().cpu().numpy(), cfg, memory)
     if cfg.num_captions == 1 or cfg.diversity == "beam":
-        return beam_search(decoder, features, cfg, keep_alphas)
+        return [b[:cfg.num_captions] for b in beams]
     if cfg.diversity != "sample":
         raise ValueError(f"unknown diversity '{cfg.diversity}' (expected 'sample' or 'beam')")
-    beams = beam_search(decoder, features, cfg, keep_alphas)
     return fill_nbest(beams, diverse_samples(decoder, features, cfg, [b[:1] for b in beams]), cfg.num_captions)
 
 

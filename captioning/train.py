@@ -26,7 +26,8 @@ import torch
 
 from . import distributed
 from .config import ExtractConfig, ModelConfig, SearchConfig, TrainConfig
-from .checkpoint import find_model, load_checkpoint, models_dir, save_checkpoint, training_checkpoint
+from .consensus import training_memory
+from .checkpoint import find_model, load_checkpoint, memory_tensors, models_dir, save_checkpoint, training_checkpoint
 from .encoders import EncoderSpec, concrete_spec
 from .evaluate import score_captions
 from .features import extract_features, pick_device
@@ -137,6 +138,7 @@ class Run:
     scaler: object
     generator: torch.Generator
     mirror: object = None          # the mirror images' features (--flip), or None
+    memory: dict = field(default_factory=dict)   # the consensus memory every checkpoint carries (consensus.py)
     history: list = field(default_factory=list)
     start_epoch: int = 1
     best: float = float("-inf")
@@ -223,6 +225,7 @@ def setup(data_dir, workdir, cfg, spec, extract_cfg, resume):
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     run = Run(cfg, spec, device, models_dir(workdir), store, splits, vocab, train_data, val_data, decoder,
               objective, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(cfg.seed), mirror)
+    run.memory = memory_tensors(training_memory(splits["train"], store, vocab))
     if resuming:
         restore(run, ckpt)
     announce(run, amp)

@@ -30,7 +30,7 @@ def test_export_is_small_fp16_and_captions_the_same(attention_model, shapes_data
 
     images = [Image.open(p).convert("RGB") for p in sorted((shapes_data / "Images").glob("*.jpg"))[:8]]
     full, half = Captioner.load(best, device="cpu"), Captioner.load(out, device="cpu")
-    cfg = SearchConfig(beam_size=3)
+    cfg = SearchConfig(beam_size=3, rerank=False)       # the weights, not the vote, are tested here
     assert [r.captions[0] for r in half.caption_pil(images, cfg)] == \
            [r.captions[0] for r in full.caption_pil(images, cfg)]
 
@@ -74,7 +74,9 @@ def test_builtin_model_is_small_safe_and_consistent():
     assert all(v.dtype == torch.float16 for v in ckpt["decoder_state"].values() if v.is_floating_point())
     for split in ("val", "test"):                                   # its scores travel with it
         assert ckpt["evaluation"][split]["scores"]["CIDEr-D"] > 0.4
-    Captioner(ckpt, device="cpu", source=ck.BUILTIN)                # weights fit the configuration
+    captioner = Captioner(ckpt, device="cpu", source=ck.BUILTIN)    # weights fit the configuration
+    memory = captioner.memory                                       # it carries its consensus memory
+    assert len(memory.features) == 6000 and len(memory.owner) == 30000   # Flickr8k's training photos and captions
     assert ck.read_summary(ck.BUILTIN)["decoder"] == cfg["decoder"]
 
 
@@ -137,5 +139,5 @@ def test_mirror_reading_is_the_mirrored_photos_features_and_can_be_turned_off(mo
     assert SearchConfig().mirror
     from captioning.search import search
     off = SearchConfig(mirror=False)
-    assert c.caption_pil([photo], off)[0].captions == [c.vocab.decode(h.tokens) for h in search(c.decoder, plain, off)[0]]
+    assert c.caption_pil([photo], off)[0].captions == [c.vocab.decode(h.tokens) for h in search(c.decoder, plain, off, memory=c.memory)[0]]
     assert c.caption_pil([photo])[0].captions[0] == c.caption(EXAMPLES[0])

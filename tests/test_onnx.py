@@ -222,6 +222,29 @@ def test_a_bad_export_folder_is_one_line(exports, tmp_path, how, says):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_the_consensus_memory_travels_with_the_export_and_reranks_alike(tmp_path):
+    from captioning.checkpoint import load_checkpoint, memory_tensors
+    from captioning.consensus import build_memory
+    rng = np.random.default_rng(0)
+    ckpt = load_checkpoint(small_checkpoint(tmp_path / "plain.pt", "attention"))
+    captions = [[rng.integers(len(SPECIALS), len(WORDS), 6).tolist() for _ in range(3)] for _ in range(50)]
+    ckpt["memory"] = memory_tensors(build_memory(rng.normal(size=(50, 512)), captions, dim=16))
+    captioner = Captioner.load(save_checkpoint(tmp_path / "model.pt", ckpt), device="cpu")
+    folder = export_onnx(captioner, tmp_path / "export")
+    runtime = rt.OnnxCaptioner(folder)
+    assert runtime.memory is not None and (folder / rt.MEMORY).exists()
+    feats = features(captioner, 6)
+    for cfg in (SearchConfig(beam_size=3, mirror=False), SearchConfig(beam_size=3, mirror=False, rerank=False)):
+        want = [[h.tokens for h in b] for b in captioner.search(feats, cfg)]
+        assert [[h.tokens for h in b] for b in runtime.search(feats.numpy(), cfg)] == want
+    reranked = captioner.search(feats, SearchConfig(beam_size=3, mirror=False))
+    plain = captioner.search(feats, SearchConfig(beam_size=3, mirror=False, rerank=False))
+    assert [b[0].tokens for b in reranked] != [b[0].tokens for b in plain]    # the vote changed something
+    (folder / rt.MEMORY).write_bytes(b"not an npz")
+    r = cli("caption", EXAMPLES[0], "--model", folder, "--output", tmp_path / "x.png", timeout=120)
+    assert r.returncode == 1 and "memory.npz is damaged" in error_line(r.stderr)
+
+
 def test_export_options(exports, tmp_path, run_main):
     captioner, folder = exports("lstm")
     code, _, err = run_main("export", "--model", captioner.source, "--output", tmp_path / "x.pt", "--ensemble",
