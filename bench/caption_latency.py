@@ -127,7 +127,7 @@ def main():
     table("Where a cold `caption` spends its time (one process, stage by stage)", ["stage", "seconds"],
           [[n, f"{s:.3f}"] for n, s in stages])
     table("Warm (model loaded), ms per image", ["what", "BatchNorm folded (now)", "not folded (before)"], [
-        ["Captioner.caption(path), default search (beam 5, mirror)", f"{warm_one:.0f}", f"{unfolded_one:.0f}"],
+        ["Captioner.caption(path), default search (mirror, re-ranked)", f"{warm_one:.0f}", f"{unfolded_one:.0f}"],
         ["caption_files, 8 per batch, PNG written", f"{warm_files:.0f}", f"{unfolded_files:.0f}"]])
 
 

@@ -27,11 +27,15 @@ def ngram_counts(seq, n_max=N_MAX):
 class CiderD:
     """CIDEr-D with document frequencies from `corpus`: a list (one entry per image) of reference lists."""
 
-    def __init__(self, corpus, sigma=SIGMA):
+    def __init__(self, corpus, sigma=SIGMA, df=None):
+        """`df`: the corpus's document frequencies when the caller has them ({n-gram: count}, 0 when missing);
+        then only len(corpus) is read."""
         self.sigma = sigma
-        self.df = Counter()
-        for refs in corpus:
-            self.df.update(set().union(*(ngram_counts(r) for r in refs)) if refs else ())
+        self.df = df
+        if df is None:
+            self.df = Counter()
+            for refs in corpus:
+                self.df.update(set().union(*(ngram_counts(r) for r in refs)) if refs else ())
         self.log_n = math.log(float(max(len(corpus), 1)))
         self._refs = {}
 

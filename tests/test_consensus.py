@@ -38,7 +38,7 @@ def test_memory_is_a_pca_of_the_photos_and_every_caption():
     assert np.allclose(np.linalg.norm(m.features.astype(np.float32), axis=1), 1, atol=2e-3)
     assert (m.captions == END).sum() == len(m.owner) == 120 and np.bincount(m.owner).tolist() == [2] * 60
     m.cider()
-    assert m._refs[0] == [DOG, DOG[:3]] and m._refs[59] == [MAN, MAN[1:]]
+    assert m.references(0) == [DOG, DOG[:3]] and m.references(59) == [MAN, MAN[1:]]
     assert build_memory(pooled[:5], captions[:5]).features.shape[1] <= 5      # never more dimensions than photos
 
 
@@ -105,7 +105,7 @@ def test_training_stores_the_memory_and_search_reranks_the_pool(attention_model,
     reranked = captioner.search(feats, cfg)
     rows = m.neighbours(feats.mean(1).numpy(), cfg.neighbours)
     for hyps, got, near in zip(pool, reranked, rows):
-        refs = [v for r in near.tolist() for v in m.cider().reference(r, m._refs[r])]
+        refs = [v for r in near.tolist() for v in m.cider().reference(r, m.references(r))]
         assert got[0].tokens == max(hyps, key=lambda h: m.cider().score(h.tokens, refs)).tokens
     plain = beam_search(captioner.decoder, feats, cfg)
     off = captioner.search(feats, SearchConfig(beam_size=3, mirror=False, rerank=False))
@@ -132,3 +132,17 @@ def test_export_keeps_the_memory_and_data_gives_it_to_an_older_model(lstm_model,
     r = cli("export", "--model", tmp_path / "older.pt", "--data", tmp_path / "nowhere", "--workdir", workdir,
             "--output", tmp_path / "x.pt", "--device", "cpu")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.pt").exists()
+
+
+def test_document_frequencies_are_ciders_own():
+    from captioning.consensus import document_frequencies
+    from captioning.rewards import CiderD, ngram_counts
+    rng = np.random.default_rng(1)
+    captions = [[rng.integers(4, 30, rng.integers(1, 9)).tolist() for _ in range(rng.integers(1, 4))]
+                for _ in range(40)]
+    m = build_memory(rng.normal(size=(40, 8)), captions, dim=4)
+    df = document_frequencies(m.captions, m.owner)
+    counted = CiderD(captions).df
+    grams = {g for caps in captions for c in caps for g in ngram_counts(c)}
+    assert all(df[g] == counted[g] for g in grams) and df[(99, 98)] == 0 and df[(4, 4, 4, 4, 4)] == 0
+    assert document_frequencies(np.array([2 ** 20, END], np.int64), np.array([0])) is None   # keys would overflow
