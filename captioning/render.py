@@ -13,6 +13,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+try:    # ISA-L's deflate: a zlib stream like zlib's own at level 1, about three times faster and no larger
+    from isal.isal_zlib import compress as deflate
+except ImportError:     # a platform without its wheels: the standard library's
+    from zlib import compress as deflate
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from captioning.utils import atomic_write
@@ -154,7 +159,7 @@ def _chunk(kind, data):
 
 def png_bytes(image):
     """An RGB image as a PNG file's bytes (8-bit RGB, no metadata): every row "Up"-filtered (its difference
-    from the row above, modulo 256), then deflated at level 1.
+    from the row above, modulo 256), then deflated at level 1 (by ISA-L where `isal` is installed).
 
     Why not Pillow's encoder: it tries all five PNG filters on every row, which was half of its 30 ms on a
     captioned photo (800 x 854 px). One filter in numpy takes 1 ms and, on a photo over white, gives files as
@@ -167,7 +172,7 @@ def png_bytes(image):
     filtered[0, 1:] = rows[0]                             # above the first row is zeros
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])   # uint8: wraps modulo 256, as PNG's filter does
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)    # 8 bits, truecolour, deflate, filtered, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", deflate(filtered.tobytes(), 1))
             + _chunk(b"IEND", b""))
 
 
