@@ -64,7 +64,8 @@ class Memory:
             self._spans = np.stack([ends - np.diff(ends, prepend=-1) + 1, ends], 1)   # [M, 2] each caption's words
             order = np.argsort(self.owner, kind="stable")
             self._by_photo = order, np.searchsorted(self.owner[order], np.arange(len(self.features) + 1))
-            self._cider = CiderD(range(len(self.features)), df=document_frequencies(self.captions, self.owner))
+            df, photos = document_frequencies(self.captions, self.owner), range(len(self.features))
+            self._cider = CiderD(photos if df is not None else [self.references(r) for r in photos], df=df)
         return self._cider
 
     def references(self, row):
@@ -100,6 +101,8 @@ class _Frequencies:
     def __getitem__(self, gram):
         key = 0
         for w in gram:
+            if not 0 <= w < self.base - 1:
+                return 0                # a word no caption of the memory holds: no n-gram with it either
             key = key * self.base + w + 1
         return self.table.get(key, 0)
 

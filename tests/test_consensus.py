@@ -145,4 +145,13 @@ def test_document_frequencies_are_ciders_own():
     counted = CiderD(captions).df
     grams = {g for caps in captions for c in caps for g in ngram_counts(c)}
     assert all(df[g] == counted[g] for g in grams) and df[(99, 98)] == 0 and df[(4, 4, 4, 4, 4)] == 0
+    assert df[(29, 10 ** 6)] == 0 and df[(10 ** 6,)] == 0       # words beyond the memory's never collide
     assert document_frequencies(np.array([2 ** 20, END], np.int64), np.array([0])) is None   # keys would overflow
+
+
+def test_a_vocabulary_too_large_for_integer_keys_still_reranks(monkeypatch):
+    from captioning import consensus
+    monkeypatch.setattr(consensus, "document_frequencies", lambda captions, owner: None)
+    pooled, captions, centres = two_kinds()
+    m = build_memory(pooled, captions, dim=8)
+    assert [h.tokens for h in m.rerank([[hyp(MAN, -1.0), hyp(DOG, -2.0)]], centres[:1], 10)[0]] == [DOG, MAN]
