@@ -83,6 +83,16 @@ def dashboard_options(p):
     p.add_argument("--no-segmentation", action="store_true", help="start with the segmentation view off")
 
 
+def export_options(p):
+    p.add_argument("--model", help="checkpoint to export (default: models/best.pt in the workdir)")
+    p.add_argument("--output", required=True, help="where to write it, e.g. captioning/assets/default_model.pt "
+                   "(a folder for --format onnx)")
+    p.add_argument("--data", help="give the model the consensus memory of this dataset's training photos (the one it "
+                   "was trained on), for models trained before checkpoints carried it")
+    add_options(p, ExportConfig)
+    ensemble_option(p)
+
+
 def build_parser():
     common = common_options(defaults=False)
     parser = argparse.ArgumentParser(prog="image_captioning.py", parents=[common_options()],
@@ -127,15 +137,8 @@ def build_parser():
     search_options(p, skip=("num_captions", "diversity", "top_p"))   # evaluation scores the first caption
     p.add_argument("--output", help="where to write the JSON report (default models/eval_<split>.json)")
 
-    p = sub.add_parser("export", parents=[common], help="a small caption-only copy of a model (fp16, no "
-                       "optimizer state) with its evaluation reports, or an ONNX folder that needs no PyTorch")
-    p.add_argument("--model", help="checkpoint to export (default: models/best.pt in the workdir)")
-    p.add_argument("--output", required=True, help="where to write it, e.g. captioning/assets/default_model.pt "
-                   "(a folder for --format onnx)")
-    p.add_argument("--data", help="give the model the consensus memory of this dataset's training photos (the one it "
-                   "was trained on), for models trained before checkpoints carried it")
-    add_options(p, ExportConfig)
-    ensemble_option(p)
+    export_options(sub.add_parser("export", parents=[common], help="a small caption-only copy of a model (fp16, "
+                   "no optimizer state) with its evaluation reports, or an ONNX folder that needs no PyTorch"))
 
     p = sub.add_parser("demo", parents=[common], help="offline demo on generated shapes (about two minutes)")
     p.add_argument("--images", type=positive_int, default=600, help="images to generate (default 600)")

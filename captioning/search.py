@@ -39,10 +39,7 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
     # the beams are reordered (attention decoder, beam 3, 1,000 images at once: 79.5 against 52.9 images/s;
     # bench/beam_speed.py).
     fixed = {key: state.pop(key) for key in getattr(decoder, "per_image", ()) if key in state}
-    tokens = torch.full((b * k,), START, dtype=torch.long, device=device)
-    scores = torch.full((b, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0                          # all beams start equal: keep one so results are not K copies
-    seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
+    tokens, scores, seqs = _start(b, k, device)
     alphas = None
     finished = [[] for _ in range(b)]
     # Images still searching, as indices into `finished`. A finished image leaves the batch at once, so the
@@ -90,6 +87,14 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         tokens, scores = sel_word.view(-1), sel_scores
 
     return [best_distinct(f, cfg.num_captions) for f in finished]
+
+
+def _start(b, k, device):
+    """The first step's input: <start> for every beam, scores [B, K], empty sequences [B*K, 0]."""
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0                          # all beams start equal: keep one so results are not K copies
+    return (torch.full((b * k,), START, dtype=torch.long, device=device), scores,
+            torch.zeros(b * k, 0, dtype=torch.long, device=device))
 
 
 def _constrained(logits, seqs, t, cfg):
