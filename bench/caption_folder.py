@@ -6,9 +6,11 @@ mobilenet_v2 + soft attention, beam 3):
   search alone      batched beam search on those photos' features, computed beforehand
   compute stages    both in a row: 1 / (1/encoder + 1/search), what a tool with free decoding and writing gets
   --no-png --jsonl  caption_files as `caption DIR --no-png --jsonl FILE` runs it (decoding, JSONL written),
-                    with beam 3 and with the default search (mirror reading, beam 10, consensus re-ranking)
+                    with beam 3 and with the default search (mirror reading, beam 10, consensus re-ranking);
+                    and with the search beside the encoder on one torch thread each (the PNG runs' way)
   with PNGs         caption_files as `caption DIR` runs it (a captioned PNG per photo, outputs.PNG_WORKERS
-                    drawing processes), and the same with the other choice of 1 or 2 drawing processes
+                    drawing processes), the same with the other choice of 1 or 2 drawing processes, and
+                    with each batch's search waited for instead of run beside the encoder
   today's code      caption_files and render.py as of commit BEFORE (matplotlib PNGs, batches of 8)
 The caption_files figures are timed in this process after the model is loaded (the command adds its ~4 s
 start). Targets (issue 15): --no-png >= 0.8x the compute stages; with PNGs >= 3x today's code.
@@ -17,6 +19,7 @@ start). Targets (issue 15): --no-png >= 0.8x the compute stages; with PNGs >= 3x
     python -m bench.caption_folder --n 100    # a quick look
 """
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -24,15 +27,9 @@ from pathlib import Path
 
 from bench.common import flickr_images, header, module_at, table
 
-import torch
-
-from bench.extract_speed import limit
-from captioning.captioner import SEARCH_BATCH, Captioner, caption_files
-from captioning.features import Preprocess
-from captioning import render  # noqa: F401 (today() swaps it for the old one)
-from captioning import outputs
-from captioning.outputs import OutputConfig
-from captioning.search import SearchConfig
+# Nothing heavier at the top: the drawing processes are spawned, and each imports this module as its
+# __main__ first (as `caption DIR`'s do with image_captioning.py, which imports no torch). Importing torch
+# here would cost every drawer seconds of CPU that the command does not pay.
 
 BEFORE = "c2c9293"   # the commit before issue 15
 
@@ -47,6 +44,9 @@ def folder_of(photos, root):
 
 def search_alone(captioner, photos, cfg):
     """Images/s of batched beam search on ready features of `photos`."""
+    import torch
+    from captioning.captioner import SEARCH_BATCH
+    from captioning.features import Preprocess
     trunk, transform = captioner.encoder()
     prep = Preprocess(transform)
     feats = []
@@ -81,7 +81,67 @@ def today(captioner, folder, cfg, out):
         sys.modules["captioning.render"] = saved
 
 
+@contextlib.contextmanager
+def patched(obj, name, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+@contextlib.contextmanager
+def search_beside(background, threads=None):
+    """caption_files with its batched search run beside the encoder (or waited for), torch on `threads`."""
+    import torch
+    from captioning import captioner, outputs
+
+    class Forced(outputs.Pending):
+        def __init__(self, *args, background=None):
+            super().__init__(*args, background=forced)
+    forced, saved = background, torch.get_num_threads()
+    torch.set_num_threads(threads or saved)
+    try:
+        with patched(captioner, "Pending", Forced):
+            yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def folder_runs(captioner, folder, cfg, tmp):
+    """[(label, images/s)] of caption_files on `folder`, each the way a `caption DIR` option runs it."""
+    from captioning import outputs
+    from captioning.captioner import caption_files
+    from captioning.outputs import OutputConfig
+    from captioning.search import SearchConfig
+    workers = outputs.PNG_WORKERS
+    other = 2 if workers == 1 else 1     # the other choice, for comparison
+    none = contextlib.nullcontext()
+    runs = [("caption DIR --no-png --jsonl", cfg, False, none),
+            ("caption DIR --no-png --jsonl, the default search (mirror, beam 10, re-ranked)", SearchConfig(), False, none),
+            ("caption DIR --no-png --jsonl, search beside the encoder, 1 torch thread", cfg, False,
+             search_beside(True, threads=1)),
+            (f"caption DIR (PNGs, {workers} drawing processes, the default)", cfg, True, none),
+            (f"caption DIR (PNGs, {other} drawing process(es))", cfg, True, patched(outputs, "PNG_WORKERS", other)),
+            (f"caption DIR (PNGs, {workers} drawing processes, each search waited for)", cfg, True,
+             search_beside(False))]
+    out = []
+    for i, (label, search, png, context) in enumerate(runs):
+        opts = OutputConfig(output=str(tmp / f"pngs{i}")) if png else OutputConfig(png=False,
+                                                                                 jsonl=str(tmp / f"{i}.jsonl"))
+        with context:
+            out.append((label, timed(lambda: caption_files(captioner, [folder], search, opts, workdir=tmp),
+                                     len(list(folder.iterdir())))))
+    return out
+
+
 def main():
+    from bench.extract_speed import limit
+    from captioning import render  # noqa: F401 (today() swaps it for the old one)
+    from captioning.captioner import SEARCH_BATCH, Captioner
+    from captioning.features import Preprocess
+    from captioning.search import SearchConfig
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=500)
     args = ap.parse_args()
@@ -94,34 +154,20 @@ def main():
     search = search_alone(captioner, photos, cfg)
     stages = 1 / (1 / enc + 1 / search)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        folder = folder_of(photos, tmp / "library")
-        n = len(photos)
-        no_png = timed(lambda: caption_files(captioner, [folder], cfg, outputs=OutputConfig(
-            png=False, jsonl=str(tmp / "out.jsonl")), workdir=tmp), n)
-        pngs = timed(lambda: caption_files(captioner, [folder], cfg, OutputConfig(output=str(tmp / "pngs")),
-                                           workdir=tmp), n)
-        default = timed(lambda: caption_files(captioner, [folder], SearchConfig(), outputs=OutputConfig(
-            png=False, jsonl=str(tmp / "default.jsonl")), workdir=tmp), n)
-        workers = outputs.PNG_WORKERS
-        other = outputs.PNG_WORKERS = 2 if workers == 1 else 1     # the other choice, for comparison
-        one_drawer = timed(lambda: caption_files(captioner, [folder], cfg, OutputConfig(output=str(tmp / "pngs1")),
-                                                 workdir=tmp), n)
-        outputs.PNG_WORKERS = workers
-        before = today(captioner, folder, cfg, tmp / "old")
+        folder = folder_of(photos, Path(tmp) / "library")
+        runs = folder_runs(captioner, folder, cfg, Path(tmp))
+        before = today(captioner, folder, cfg, Path(tmp) / "old")
     rows = [["encoder limit (ready tensors, batch %d%s)" % (best[0], ", channels_last" if best[1] else ""),
              f"{enc:.1f}", ""],
             ["beam search alone (batches of %d, beam 3)" % SEARCH_BATCH, f"{search:.1f}", ""],
-            ["compute stages in a row", f"{stages:.1f}", "1.00x"],
-            ["caption DIR --no-png --jsonl", f"{no_png:.1f}", f"{no_png / stages:.2f}x of compute stages"],
-            ["caption DIR --no-png --jsonl, the default search (mirror, beam 10, re-ranked)", f"{default:.1f}",
-             f"{default / no_png:.2f}x of beam 3"],
-            [f"caption DIR (PNGs, {workers} drawing process(es), the default)", f"{pngs:.1f}",
-             f"{pngs / before:.1f}x today's" if before else ""],
-            [f"caption DIR (PNGs, {other} drawing process(es))", f"{one_drawer:.1f}",
-             f"{one_drawer / before:.1f}x today's" if before else ""],
-            [f"today's code ({BEFORE}, PNGs)", f"{before:.1f}" if before else "n/a", "1.0x" if before else ""]]
-    table(f"Captioning {n} Flickr8k photos (built-in model, beam 3), images/s", ["path", "img/s", "ratio"], rows)
+            ["compute stages in a row", f"{stages:.1f}", "1.00x"]]
+    for label, rate in runs:
+        ratio = f"{rate / stages:.2f}x of compute stages" if "no-png" in label else \
+            f"{rate / before:.1f}x today's" if before else ""
+        rows.append([label, f"{rate:.1f}", ratio])
+    rows.append([f"today's code ({BEFORE}, PNGs)", f"{before:.1f}" if before else "n/a", "1.0x" if before else ""])
+    table(f"Captioning {len(photos)} Flickr8k photos (built-in model, beam 3), images/s", ["path", "img/s", "ratio"],
+          rows)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def caption_files(captioner, inputs, cfg: SearchConfig, outputs=None, paths=None
 def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workdir):
     """Decode and encode as feature extraction does (its calibrated batch size and memory format, decoding
     threads where cores are free), search in large batches, hand each result to `sink` without waiting."""
-    from .features import ExtractConfig, Preprocess, image_batches
+    from .features import ExtractConfig, Preprocess
     from .tuning import _set_format, choose_settings
     if not photos:
         return [], []
@@ -149,7 +149,22 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workd
     settings = choose_settings(ExtractConfig(batch_size=batch_size, device=str(captioner.device)),
                                captioner.device, captioner.spec.name, trunk, prep.crop, workdir, len(photos))
     _set_format(trunk, settings.channels_last)
-    pending, failures = Pending(captioner, cfg, keep_alphas, sink, torch.cat), []
+    # While PNGs are drawn torch has one thread: searching beside the encoder keeps the second core busy.
+    # Without them, two torch threads on one search at a time are faster (bench/caption_folder.py).
+    pending = Pending(captioner, cfg, keep_alphas, sink, torch.cat, SEARCH_BATCH, background=bool(sink.pool))
+    try:
+        failures = _encode_all(captioner, photos, cfg, prep, settings, pending)
+    except BaseException:   # Ctrl-C or an error: the search under way ends and is written; no new one starts
+        pending.finish(search_rest=False)
+        raise
+    pending.finish()
+    return pending.results, failures
+
+
+def _encode_all(captioner, photos, cfg, prep, settings, pending):
+    """Decode and encode every photo in batches into `pending`; returns the unreadable ones' messages."""
+    from .features import image_batches
+    failures = []
     with make_progress(transient=True) as bar:
         task = add_task(bar, "Captioning", len(photos), unit="img")
         for rows, images, ok in image_batches([str(p.path) for p in photos], 0, prep, settings, captioner.device):
@@ -160,11 +175,8 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workd
                 x = prep.batch(images[keep] if len(keep) < len(ok) else images, captioner.device,
                                settings.channels_last)
                 pending.add([photos[rows[i]] for i in keep], captioner.encode_batch(x, cfg.mirror))
-            if len(pending.photos) >= SEARCH_BATCH:
-                pending.flush()
             advance_task(bar, task, len(rows))
-        pending.flush()
-    return pending.results, failures
+    return failures
 
 
 def _why_unreadable(path):

@@ -219,7 +219,7 @@ def caption_files(captioner, inputs, cfg: SearchConfig, paths=None, outputs=None
 
 
 def _caption_stream(captioner, photos, cfg, sink, keep_alphas):
-    pending, failures = Pending(captioner, cfg, keep_alphas, sink, np.concatenate), []
+    pending, failures = Pending(captioner, cfg, keep_alphas, sink, np.concatenate, SEARCH_BATCH), []
     with make_progress(transient=True) as bar:
         task = add_task(bar, "Captioning", len(photos), unit="img")
         for i in range(0, len(photos), ENCODE_BATCH):
@@ -232,8 +232,6 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas):
                     failures.append(str(e))
             if arrays:
                 pending.add(good, captioner.encode_batch(np.stack(arrays), cfg.mirror))
-            if len(pending.photos) >= SEARCH_BATCH:
-                pending.flush()
             advance_task(bar, task, len(chunk))
-        pending.flush()
+        pending.finish()
     return pending.results, failures

@@ -13,7 +13,7 @@ import json
 import os
 import queue
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -25,10 +25,11 @@ from captioning.metadata import TAGS, ExifTool, exiftool_path, write_xmp_sidecar
 from captioning.utils import IMAGE_SUFFIXES, CaptioningError, atomic_write_text, console, failure_message
 
 CSV_HEADER = ["image", "caption", "score"]
-# Processes drawing a folder run's PNGs: one per core, up to 4. Drawing is most of such a run's CPU time
-# (about 25 ms a photo against the encoder and search's 17 on 2 cores), so on 2 cores a second drawer
-# uses what the encoder leaves and draws the backlog at twice the speed once the captions are done.
+# Processes drawing a folder run's PNGs: one per core, up to 4. Drawing costs about as much CPU as encoding
+# and searching a photo, so on 2 cores a second drawer uses what the encoder leaves and draws the backlog at
+# twice the speed once the captions are done.
 PNG_WORKERS = max(1, min(4, os.cpu_count() or 1))
+FIRST_SEARCH = 16   # photos in a folder run's first batched search (Pending doubles it up to the runtime's batch)
 
 
 @dataclass
@@ -317,24 +318,58 @@ class Outputs:
 
 class Pending:
     """Photos encoded and waiting for one batched search (either runtime): `flush` searches their features
-    together, hands each Result to `sink` and keeps it in `results`. `concat` joins feature batches."""
+    together, hands each Result to `sink` and keeps it in `results`. `concat` joins feature batches.
 
-    def __init__(self, captioner, cfg, keep_alphas, sink, concat):
+    The first searches are small and each next one twice as large, up to `batch` (large batches search
+    faster per photo): the drawing processes and the output files get their first photos after a second,
+    not after the first `batch` photos are encoded. With `background`, each search runs in a thread of its
+    own while the caller encodes the next photos (torch's kernels release the GIL), so a run with one torch
+    thread keeps both cores busy; at most one search runs while the next batch fills. `finish` waits."""
+
+    def __init__(self, captioner, cfg, keep_alphas, sink, concat, batch, background=False):
         self.captioner, self.cfg, self.keep_alphas, self.sink, self.concat = captioner, cfg, keep_alphas, sink, concat
         self.feats, self.photos, self.results = [], [], []
+        self.batch, self.size = batch, min(batch, FIRST_SEARCH)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="search") if background else None
+        self.running = None
 
     def add(self, photos, feats):
         self.photos += photos
         self.feats.append(feats)
+        if len(self.photos) >= self.size:
+            self.flush()
+            self.size = min(self.batch, 2 * self.size)
 
     def flush(self):
         if not self.photos:
             return
-        hyps = self.captioner.search(self.concat(self.feats), self.cfg, self.keep_alphas)
-        for photo, res in zip(self.photos, self.captioner.results([str(p.path) for p in self.photos], hyps)):
+        photos, feats = self.photos, self.concat(self.feats)
+        self.feats, self.photos = [], []
+        if self.worker is None:
+            return self._search(photos, feats)
+        self._wait()
+        self.running = self.worker.submit(self._search, photos, feats)
+
+    def _search(self, photos, feats):
+        hyps = self.captioner.search(feats, self.cfg, self.keep_alphas)
+        for photo, res in zip(photos, self.captioner.results([str(p.path) for p in photos], hyps)):
             self.sink.submit(photo, res)
             self.results.append(res)
-        self.feats, self.photos = [], []
+
+    def _wait(self):
+        if self.running is not None:
+            running, self.running = self.running, None
+            running.result()   # a search's error is raised here, in the caller's thread
+
+    def finish(self, search_rest=True):
+        """Search what is left (unless the run is being stopped) and wait for the search under way."""
+        try:
+            if search_rest:
+                self.flush()
+            self._wait()
+        finally:
+            if self.worker:
+                self.worker.shutdown()
 
 
 def caption_photos(stream, inputs, opts: OutputConfig, paths=None, has_attention=True):

@@ -140,3 +140,20 @@ def test_caption_with_txt_correct_one_then_train_on_the_folder(attention_model, 
     assert next(r for r in d.records if r.image == photos[5]).captions == ["a hand corrected caption of a shape"]
     best = run_training(tmp_path / "work", tmp_path / "lib", "lstm", epochs=1)
     assert Path(best).exists()
+
+
+def test_pngs_searched_beside_the_encoder_give_the_same_captions(attention_model, shapes_data, tmp_path):
+    """With PNGs each batch's search runs in a thread beside the encoder: the same captions, every photo once."""
+    from captioning.captioner import Captioner, caption_files
+    from captioning.outputs import OutputConfig
+    from captioning.search import SearchConfig
+    _, ckpt = attention_model
+    photos = library(shapes_data, tmp_path / "lib", 60, layout=("",))   # searches of 16, 32 and 11 photos
+    captioner, cfg = Captioner.load(ckpt, device="cpu"), SearchConfig(beam_size=3)
+    plain = caption_files(captioner, [tmp_path / "lib"], cfg, OutputConfig(png=False), workdir=tmp_path)
+    drawn = caption_files(captioner, [tmp_path / "lib"], cfg, OutputConfig(output=str(tmp_path / "pngs")),
+                          workdir=tmp_path)
+    assert [(r.image, r.captions, r.scores) for r in drawn] == [(r.image, r.captions, r.scores) for r in plain]
+    assert len(plain) == len(photos) - 1   # two photos share one name in one folder: one copy
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == sorted(
+        f"{Path(r.image).stem}_captioned.png" for r in plain)

@@ -3,6 +3,8 @@ into JPEG/PNG/WebP copies, read back with Pillow (an independent reader: the wri
 import json
 import shutil
 import struct
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image, ImageCms
 
 from captioning.captioner import Result
 from captioning.metadata import ExifTool, exiftool_path, write_xmp_sidecar
-from captioning.outputs import RowFile, find_photos, key
+from captioning.outputs import FIRST_SEARCH, Pending, Photo, RowFile, find_photos, key
 from captioning.utils import CaptioningError
 
 needs_exiftool = pytest.mark.skipif(exiftool_path() is None, reason="exiftool not installed "
@@ -73,6 +75,64 @@ def test_jsonl_has_the_json_fields(tmp_path):
     assert json.loads(path.read_text()) == {"image": "x/a.jpg", "caption": "a dog runs", "captions": ["a dog runs"],
                                             "scores": [-1.5], "png": None}
     assert RowFile(path, "jsonl").done == {key("x/a.jpg")}
+
+
+class Searcher:
+    """A runtime's search as Pending uses it: records each batch's size and thread; captions name the photo."""
+
+    def __init__(self, fail_at=None):
+        self.sizes, self.threads, self.fail_at = [], set(), fail_at
+
+    def search(self, feats, cfg, keep_alphas):
+        if len(self.sizes) == self.fail_at:
+            raise RuntimeError("out of memory")
+        self.sizes.append(len(feats))
+        self.threads.add(threading.current_thread().name)
+        return [f"caption {int(x)}" for x in feats]
+
+    def results(self, names, hyps):
+        return [result(n, [h]) for n, h in zip(names, hyps)]
+
+
+class Sink:
+    def __init__(self):
+        self.got = []
+
+    def submit(self, photo, res):
+        self.got.append((photo.path.name, res.captions[0]))
+
+
+def fill(pending, n, per_batch=8):
+    for i in range(0, n, per_batch):
+        ids = range(i, min(n, i + per_batch))
+        pending.add([Photo(Path(f"{j}.jpg"), Path(f"{j}.jpg")) for j in ids], list(ids))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_pending_searches_grow_to_the_batch_and_keep_every_photo_in_order(background):
+    searcher, sink = Searcher(), Sink()
+    pending = Pending(searcher, None, False, sink, lambda parts: sum(parts, []), 128, background)
+    fill(pending, 500)
+    pending.finish()
+    assert FIRST_SEARCH == 16 and searcher.sizes == [16, 32, 64, 128, 128, 128, 4]   # 500 photos in all
+    assert sink.got == [(f"{i}.jpg", f"caption {i}") for i in range(500)]
+    assert [r.image for r in pending.results] == [f"{i}.jpg" for i in range(500)]
+    assert (searcher.threads == {threading.current_thread().name}) != background   # beside the caller, or not
+
+
+def test_pending_raises_a_background_search_error_in_the_caller():
+    pending = Pending(Searcher(fail_at=1), None, False, Sink(), lambda parts: sum(parts, []), 128, True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fill(pending, 200)
+        pending.finish()
+
+
+def test_pending_stopped_searches_nothing_more():
+    searcher, sink = Searcher(), Sink()
+    pending = Pending(searcher, None, False, sink, lambda parts: sum(parts, []), 128, True)
+    fill(pending, 40)             # 16 searched, 24 waiting
+    pending.finish(search_rest=False)
+    assert searcher.sizes == [16] and len(sink.got) == 16
 
 
 def test_xmp_sidecar_is_valid_xml_with_both_fields(tmp_path):
