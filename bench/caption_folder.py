@@ -119,7 +119,8 @@ def folder_runs(captioner, folder, cfg, tmp):
     other = 2 if workers == 1 else 1     # the other choice, for comparison
     none = contextlib.nullcontext()
     runs = [("caption DIR --no-png --jsonl", cfg, False, none),
-            ("caption DIR --no-png --jsonl, the default search (mirror, beam 10, re-ranked)", SearchConfig(), False, none),
+            ("caption DIR --no-png --jsonl, the default search (mirror, beam 10, re-ranked)", SearchConfig(), False,
+             none),
             ("caption DIR --no-png --jsonl, search beside the encoder, 1 torch thread", cfg, False,
              search_beside(True, threads=1)),
             (f"caption DIR (PNGs, {workers} drawing processes, the default)", cfg, True, none),

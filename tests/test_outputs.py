@@ -1,5 +1,6 @@
-"""A folder run's outputs without a model: listing photos, resumable CSV/JSONL, sidecars, and metadata written
-into JPEG/PNG/WebP copies, read back with Pillow (an independent reader: the writer is exiftool)."""
+"""A folder run's outputs without a model: listing photos, resumable CSV/JSONL, the batched searches (their
+sizes, order and thread), sidecars, and metadata written into JPEG/PNG/WebP copies, read back with Pillow (an
+independent reader: the writer is exiftool)."""
 import json
 import shutil
 import struct
