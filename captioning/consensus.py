@@ -86,7 +86,7 @@ class Memory:
         cider, out = self.cider(), []
         for hyps, rows in zip(beams, self.neighbours(pooled, k)):
             refs = [v for r in rows.tolist() for v in cider.reference(r, self.references(r))]
-            scores = [cider.score(h.tokens, refs) for h in hyps]
+            scores = cider.score_all([h.tokens for h in hyps], refs).tolist()
             out.append([hyps[i] for i in sorted(range(len(hyps)), key=lambda i: -scores[i])])
         return out
 

@@ -15,6 +15,8 @@ mean over n and references, ×10.
 import math
 from collections import Counter
 
+import numpy as np
+
 N_MAX = 4
 SIGMA = 6.0
 
@@ -73,6 +75,34 @@ class CiderD:
         """CIDEr-D of one candidate against prepared reference vectors (see `reference`)."""
         cand = self.vector(candidate)
         return 10.0 * sum(self._sim(cand, r) for r in refs_vectors) / max(len(refs_vectors), 1)
+
+    def score_all(self, candidates, refs_vectors):
+        """CIDEr-D of each candidate against the same prepared references, as `score` gives them (to float
+        rounding), with the sums in numpy: consensus re-ranking scores 10 candidates against 150 references a
+        photo, where `score`'s dictionary look-ups took most of the default search's time."""
+        cands = [self.vector(c) for c in candidates]
+        if not cands or not refs_vectors:
+            return np.zeros(len(cands))
+        lengths = np.array([c[2] for c in cands], float)[:, None] - np.array([r[2] for r in refs_vectors], float)
+        penalty = np.exp(-lengths ** 2 / (2 * self.sigma ** 2))                    # [C, R]
+        total = np.zeros_like(penalty)
+        for n in range(N_MAX):
+            index = {}
+            for c in cands:                                  # the candidates' n-grams: only they count
+                for g in c[0][n]:
+                    index.setdefault(g, len(index))
+            cand, ref = np.zeros((len(cands), len(index))), np.zeros((len(refs_vectors), len(index)))
+            for i, c in enumerate(cands):
+                for g, w in c[0][n].items():
+                    cand[i, index[g]] = w
+            for j, r in enumerate(refs_vectors):
+                for g, w in r[0][n].items():
+                    if g in index:
+                        ref[j, index[g]] = w
+            val = (np.minimum(cand[:, None, :], ref[None]) * ref[None]).sum(-1)    # [C, R], clipped at the ref
+            norms = np.array([c[1][n] for c in cands])[:, None] * np.array([r[1][n] for r in refs_vectors])
+            total += np.where(norms != 0, val / np.where(norms != 0, norms, 1), val) * penalty
+        return 10.0 * (total / N_MAX).sum(1) / len(refs_vectors)
 
     def scores(self, candidates, keys, references):
         """One score per candidate; candidate i is scored against references[keys[i]]."""

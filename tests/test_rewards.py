@@ -40,3 +40,15 @@ def test_a_fragment_loses_once_end_is_counted():
     fragment = cider.score(["a", "dog", "runs", "a"], prepared)   # cut off: no <end>, a dangling word
     assert ended > fragment
     assert cider.reference("dog", refs) is prepared             # built once per image
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_score_all_equals_score_for_every_candidate(seed):
+    """The numpy batch (consensus re-ranking's) gives `score`'s numbers: repeats, no overlap, empty, no refs."""
+    gts, res = random_set(seed)
+    cider = CiderD([[r.split() for r in v] for v in gts.values()])
+    refs = [v for k in list(gts)[:30] for v in cider.reference(k, [r.split() for r in gts[k]])]   # 150 refs
+    cands = [c[0].split() for c in res.values()] + [["dog", "dog", "dog"], ["zebra"], [], gts["0"][0].split()]
+    assert cider.score_all(cands, refs).tolist() == pytest.approx([cider.score(c, refs) for c in cands], abs=1e-12)
+    assert cider.score_all(cands, refs)[-1] > 0 and cider.score_all(cands, refs)[-3] == 0
+    assert cider.score_all(cands[:2], []).tolist() == [0.0, 0.0] and len(cider.score_all([], refs)) == 0
