@@ -118,10 +118,7 @@ def checkpoint_memory(ckpt, channels):
     existed have none and caption with plain beam search."""
     from .consensus import memory_from_arrays
     try:
-        memory = memory_from_arrays({k: v.numpy() for k, v in (ckpt.get("memory") or {}).items()})
-        if memory is not None:
-            memory.check(channels)
-        return memory
+        return memory_from_arrays({k: v.numpy() for k, v in (ckpt.get("memory") or {}).items()}, channels)
     except (AttributeError, TypeError, ValueError) as e:
         raise CaptioningError("The model file's consensus memory is damaged; export the model again.") from e
 

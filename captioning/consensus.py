@@ -160,11 +160,14 @@ def training_memory(records, store, vocab):
     return build_memory(pooled, [[vocab.encode(c) for c in r.captions] for r in records])
 
 
-def memory_from_arrays(arrays):
-    """A Memory from its stored arrays (a checkpoint's or an export's), or None when there are none."""
+def memory_from_arrays(arrays, channels):
+    """A Memory from its stored arrays (a checkpoint's or an export's), checked against features of `channels`
+    channels (ValueError when they do not fit), or None when there are none."""
     if not arrays or any(k not in arrays for k in KEYS):
         return None
-    return Memory(*(np.asarray(arrays[k]) for k in KEYS))
+    memory = Memory(*(np.asarray(arrays[k]) for k in KEYS))
+    memory.check(channels)
+    return memory
 
 
 def pool_config(cfg):

@@ -70,10 +70,11 @@ def read_memory(path, channels):
         return None
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            memory = memory_from_arrays(dict(arrays))
-        memory.check(channels)
+            memory = memory_from_arrays(dict(arrays), channels)
+        if memory is None:
+            raise ValueError("the file holds no memory")
         return memory
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise CaptioningError(f"{path} is damaged; export the model again.") from e
 
 

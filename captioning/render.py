@@ -13,14 +13,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+
+from captioning.utils import atomic_write
 
 try:    # ISA-L's deflate: a zlib stream like zlib's own at level 1, about three times faster and no larger
     from isal.isal_zlib import compress as deflate
 except ImportError:     # a platform without its wheels: the standard library's
     from zlib import compress as deflate
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
-
-from captioning.utils import atomic_write
 
 DPI = 100
 CAPTION_FONT = 18      # points; readable when the PNG is shown at half size

@@ -87,21 +87,18 @@ class CiderD:
         penalty = np.exp(-lengths ** 2 / (2 * self.sigma ** 2))                    # [C, R]
         total = np.zeros_like(penalty)
         for n in range(N_MAX):
-            index = {}
-            for c in cands:                                  # the candidates' n-grams: only they count
-                for g in c[0][n]:
-                    index.setdefault(g, len(index))
+            index = {}                                       # the candidates' n-grams: only they count
+            entries = [(i, index.setdefault(g, len(index)), w) for i, c in enumerate(cands) for g, w in c[0][n].items()]
             cand, ref = np.zeros((len(cands), len(index))), np.zeros((len(refs_vectors), len(index)))
-            for i, c in enumerate(cands):
-                for g, w in c[0][n].items():
-                    cand[i, index[g]] = w
+            for i, j, w in entries:
+                cand[i, j] = w
             for j, r in enumerate(refs_vectors):
                 for g, w in r[0][n].items():
                     if g in index:
                         ref[j, index[g]] = w
             val = (np.minimum(cand[:, None, :], ref[None]) * ref[None]).sum(-1)    # [C, R], clipped at the ref
             norms = np.array([c[1][n] for c in cands])[:, None] * np.array([r[1][n] for r in refs_vectors])
-            total += np.where(norms != 0, val / np.where(norms != 0, norms, 1), val) * penalty
+            total += val / np.where(norms != 0, norms, 1) * penalty                # as _sim: no division by 0
         return 10.0 * (total / N_MAX).sum(1) / len(refs_vectors)
 
     def scores(self, candidates, keys, references):

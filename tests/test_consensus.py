@@ -64,10 +64,9 @@ def test_the_neighbours_captions_choose_the_first_caption():
 def test_stored_arrays_round_trip_and_damage_is_one_sentence():
     pooled, captions, _ = two_kinds()
     m = build_memory(pooled, captions, dim=8)
-    back = memory_from_arrays(m.to_arrays())
-    back.check(16)
+    back = memory_from_arrays(m.to_arrays(), 16)
     assert all(np.array_equal(a, b) for a, b in zip(back.to_arrays().values(), m.to_arrays().values()))
-    assert memory_from_arrays({}) is None
+    assert memory_from_arrays({}, 16) is None
     with pytest.raises(ValueError):
         m.check(32)                                                          # another encoder's channels
     arrays = ck.memory_tensors(m)
