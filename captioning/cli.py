@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from .config import (ExportConfig, ExtractConfig, ModelConfig, SearchConfig, TrainConfig, add_options, from_args, positive_float,
                      positive_int)
-from .utils import CaptioningError, clean_user_path, console, failure_message
+from .utils import CaptioningError, clean_user_path, console, failure_message, printable
 
 
 def common_options(defaults=True):
@@ -222,13 +222,14 @@ def cmd_caption(args):
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
         return
-    # The results are the output: plain stdout (a file name may hold "[", which rich would read as markup).
+    # The results are the output: plain stdout (a file name may hold "[", which rich would read as markup),
+    # control characters escaped (a file name may hold a newline or a terminal's escape sequence).
     for r in results:
-        print(r.image)
+        print(printable(r.image))
         for i, c in enumerate(r.captions, 1):
-            print(f"  {i}. {c}" if len(r.captions) > 1 else f"  {c}")
+            print(printable(f"  {i}. {c}" if len(r.captions) > 1 else f"  {c}"))
         if r.png:
-            print(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else ""))
+            print(printable(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else "")))
 
 
 def cmd_evaluate(args):
@@ -434,7 +435,7 @@ def run_guarded(fn, debug=False):
     except Exception as e:  # never a bare traceback: one line, and --debug for the rest
         if debug:
             console.print_exception()
-        console.print(f"[red]error:[/] {escape(failure_message(e))}")
+        console.print(f"[red]error:[/] {escape(printable(failure_message(e)))}")
     return 1
 
 

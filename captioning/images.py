@@ -12,9 +12,25 @@ from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageErro
 
 from .utils import CaptioningError
 
-# Photos larger than this many pixels are refused (Pillow's decompression-bomb guard raises above 2x).
-Image.MAX_IMAGE_PIXELS = 64_000_000
+# Photos larger than this many pixels are refused from their header, before any decoding: a 470 KB PNG
+# can claim 121 Mpx (2.8 GB decoded). Pillow itself only warns up to twice its limit.
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The decoders a photo may reach, whatever its name says (utils.IMAGE_SUFFIXES; MPO is how Pillow reads
+# many phones' JPEGs). Not EPS/PS (Ghostscript, wherever it is installed), nor Pillow's dozens of others.
+FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+
+def open_image(source):
+    """Image.open limited to FORMATS, with the pixel limit checked from the header (nothing decoded yet).
+    `source`: a path or a binary file. Raises Pillow's errors (UnidentifiedImageError, DecompressionBombError)."""
+    img = Image.open(source, formats=FORMATS)
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        img.close()
+        raise Image.DecompressionBombError(f"{w}x{h} pixels is more than the {MAX_PIXELS:,} allowed")
+    return img
 
 def load_image(path, draft_size=None):
     """Open any image a person may have: upright (EXIF), RGB, first frame of animations.
@@ -28,7 +44,7 @@ def load_image(path, draft_size=None):
             raise CaptioningError(f"Expected an image file but got a folder: {path}")
         if path.stat().st_size == 0:
             raise CaptioningError(f"Image file is empty (0 bytes): {path}")
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if getattr(img, "is_animated", False):
                 img = next(iter(ImageSequence.Iterator(img)))
             if draft_size and img.format == "JPEG":
@@ -38,7 +54,7 @@ def load_image(path, draft_size=None):
     except PermissionError as e:  # `from e`: the one line for everyone, Pillow's own error for --debug
         raise CaptioningError(f"No permission to read image: {path}") from e
     except Image.DecompressionBombError as e:
-        raise CaptioningError(f"Image is too large to decode safely: {path}") from e
+        raise CaptioningError(f"Image is too large to decode safely ({e}): {path}") from e
     except UnidentifiedImageError as e:
         raise CaptioningError(f"Not an image file (or a format Pillow cannot read): {path}") from e
     except (OSError, SyntaxError, ValueError) as e:

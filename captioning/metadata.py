@@ -5,19 +5,29 @@ or Pillow: Pillow re-encodes a JPEG to change its metadata, piexif knows EXIF on
 pyexiv2 bundles a C++ library whose wheels lag Python releases. ExifTool is the reference the photo
 programs' own metadata is checked against; it rewrites the metadata segments and chunks only (JPEG scan
 data, PNG IDAT, WebP bitstream byte-for-byte the same), keeps every other tag (camera fields,
-orientation, ICC profile, GPS), puts PNG text chunks before IDAT, and replaces the file by renaming a
-finished temporary copy (-overwrite_original), so a crash mid-write leaves the original.
+orientation, ICC profile, GPS) and puts PNG text chunks before IDAT.
 
 One exiftool process serves a whole run (-stay_open): starting perl costs ~0.2 s, a write to a running
-one a few milliseconds.
+one a few milliseconds. Its arguments arrive one per line, so a file name is a hostile input: a newline
+in it would start a new argument (`-if` evaluates Perl), a name like `-o.jpg` would read as an option.
+Names with control characters are refused, every path handed over is absolute (it starts with "/"), and
+captions are flattened to one line. ExifTool's own -overwrite_original writes `<photo>_exiftool_tmp`, a
+name anyone who can write to the folder can plant a symlink at; instead it writes the new copy (-o) into
+a fresh private folder beside the photo (mkdtemp: mode 0700, a random name), which is renamed over the
+photo with the photo's mode. A crash mid-write leaves the original; a killed run leaves at most an empty
+hidden folder, removed by the next run in that folder.
 """
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
+import time
+import unicodedata
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from captioning.utils import CaptioningError, atomic_write_text
+from captioning.utils import CaptioningError, atomic_write_text, temp_path_for
 
 INSTALL = ("needs ExifTool: apt-get install libimage-exiftool-perl (Debian, Ubuntu), brew install exiftool "
            "(macOS), or see https://exiftool.org")
@@ -28,6 +38,9 @@ TAGS = {".jpg": (*XMP_TAGS, "-EXIF:ImageDescription"), ".jpeg": (*XMP_TAGS, "-EX
         ".tif": (*XMP_TAGS, "-EXIF:ImageDescription"), ".tiff": (*XMP_TAGS, "-EXIF:ImageDescription"),
         ".png": (*XMP_TAGS, "-PNG:Description"), ".webp": XMP_TAGS}
 READY = b"{ready}"
+_euid = getattr(os, "geteuid", lambda: None)   # Windows has no user ids
+TMP_PREFIX = ".captioning-exiftool-"   # the private folders a write goes through
+STALE_S = 60                           # a write takes milliseconds: a private folder this old is a killed run's
 
 
 def exiftool_path():
@@ -44,10 +57,14 @@ class ExifTool:
         # stderr joins stdout: exiftool writes an error before the {ready} that ends its answer.
         self.proc = subprocess.Popen([exe, "-stay_open", "True", "-@", "-"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.cleaned = set()   # the folders whose debris was looked for
 
     def run(self, args):
-        """One exiftool command (arguments one per line: a caption never holds a newline); its output."""
-        self.proc.stdin.write(("\n".join([*args, "-execute"]) + "\n").encode("utf-8"))
+        """One exiftool command, arguments one per line; its output. Every argument must be one line."""
+        if any(not one_line(a) for a in args):
+            raise CaptioningError("an argument for exiftool holds a control character; refused.")
+        # surrogateescape: a file name that is not UTF-8 reaches exiftool as the same bytes.
+        self.proc.stdin.write(("\n".join([*args, "-execute"]) + "\n").encode("utf-8", "surrogateescape"))
         self.proc.stdin.flush()
         out = b""
         while not out.rstrip().endswith(READY):
@@ -62,16 +79,43 @@ class ExifTool:
         tags = tags or TAGS.get(path.suffix.lower())
         if tags is None:
             return f"{path}: cannot write metadata into {path.suffix or 'this'} files without re-encoding; skipped"
-        if not os.access(path, os.W_OK):   # a photo its owner made read-only is left as it is
-            return f"{path}: read-only; metadata not written"
-        caption = " ".join(caption.split())
-        # -P keeps the file's modification time: photo managers sort and sync by it.
-        out = self.run(["-overwrite_original", "-P", "-charset", "utf8", *(f"{t}={caption}" for t in tags),
-                        str(path)])
-        if "1 image files updated" in out:
-            return None
-        why = next((ln.split(":", 1)[-1].strip() for ln in out.splitlines() if ln.startswith("Error")), out.strip())
-        return f"{path}: metadata not written ({(why.splitlines() or ['unknown error'])[0]})"
+        try:
+            problem = refusal(path)
+        except OSError as e:
+            problem = f"cannot be read ({e.strerror})"
+        if problem:
+            return f"{path}: {problem}; metadata not written"
+        self._clear_debris(path.absolute().parent)
+        caption = "".join(c for c in " ".join(caption.split()) if c.isprintable())
+        private = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.absolute().parent))
+        try:
+            new = private / path.name
+            # -o FOLDER/: a new copy of the same name in the private folder (a file name given to -o would make
+            # exiftool build that format from scratch: it cannot for WebP); -P keeps the modification time.
+            out = self.run(["-P", "-charset", "utf8", *(f"{t}={caption}" for t in tags), "-o", f"{private}/",
+                            str(path.absolute())])
+            if "1 image files created" not in out or not new.is_file():
+                why = next((ln.split(":", 1)[-1].strip() for ln in out.splitlines() if ln.startswith("Error")),
+                           out.strip())
+                return f"{path}: metadata not written ({(why.splitlines() or ['unknown error'])[0]})"
+            _replace_keeping_mode(new, path)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        return None
+
+    def _clear_debris(self, folder):
+        """Remove this user's private folders that a killed run left in `folder` (once per folder and run)."""
+        if folder in self.cleaned:
+            return
+        self.cleaned.add(folder)
+        try:
+            entries = [e for e in os.scandir(folder) if e.name.startswith(TMP_PREFIX)]
+            for e in entries:
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == _euid() and time.time() - st.st_mtime > STALE_S:
+                    shutil.rmtree(e.path, ignore_errors=True)   # never follows a symlink inside
+        except OSError:
+            pass   # debris is hidden and harmless; it must not cost the photo
 
     def close(self):
         try:
@@ -82,9 +126,43 @@ class ExifTool:
             self.proc.kill()
 
 
+def one_line(text):
+    """Whether `text` can travel as one line of exiftool's argument stream and be read back unchanged."""
+    return text == text.strip() and not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def refusal(path):
+    """Why a file is left as it is (a short reason), or None when its metadata may be rewritten."""
+    if not one_line(str(path.absolute())):
+        return "its name holds control characters (or begins or ends with a space), which are not passed to exiftool"
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link (neither it nor the file it points to is changed)"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_nlink > 1:
+        return "it has other hard links, which would keep the old contents"
+    # The owner's write bit as well as access(): root may write anything, but a photo made read-only stays so.
+    if not st.st_mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        return "read-only"
+    return None
+
+
+def _replace_keeping_mode(new, path):
+    """Rename `new` over `path` with path's permissions (and, as root, its owner)."""
+    st = os.stat(path)
+    os.chmod(new, stat.S_IMODE(st.st_mode))
+    if _euid() == 0:
+        try:
+            os.chown(new, st.st_uid, st.st_gid)
+        except OSError:
+            pass
+    os.replace(new, path)
+
+
 def xmp_packet(caption):
     """A minimal XMP sidecar: dc:description and the IPTC alt text, as Lightroom and darktable read them."""
-    c = escape(" ".join(caption.split()))
+    c = escape("".join(ch for ch in " ".join(caption.split()) if ch.isprintable()))
     alt = f'<rdf:Alt><rdf:li xml:lang="x-default">{c}</rdf:li></rdf:Alt>'
     return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
             '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
@@ -110,3 +188,40 @@ def write_xmp_sidecar(path, caption, exiftool=None):
     if exiftool is None:
         return f"{path} exists and updating it without losing its other fields {INSTALL}; skipped"
     return exiftool.write(path, caption, XMP_TAGS)
+
+
+def write_caption_txt(path, caption):
+    """The caption and a newline at `path` (photo.txt), renamed into place; None or a one-line refusal. An
+    existing file is replaced only when it looks like what this writes (one lowercase line, a plain file with
+    one name, writable), and keeps its permissions: a person's notes.txt beside notes.jpg is left alone."""
+    path, mode = Path(path), None
+    try:
+        st = os.lstat(path)
+        problem = refusal(path)
+        if problem is None and (st.st_size > 4096 or not _caption_like(path.read_bytes())):
+            problem = "not a caption this tool wrote (one lowercase line)"
+        if problem:
+            return f"{path} exists and is left as it is: {problem}"
+        mode = stat.S_IMODE(st.st_mode)
+    except FileNotFoundError:
+        pass
+    if mode is None:
+        atomic_write_text(path, caption + "\n")
+        return None
+    tmp = temp_path_for(path)
+    try:
+        tmp.write_text(caption + "\n", encoding="utf-8")
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return None
+
+
+def _caption_like(data):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    line = text[:-1]
+    return text.endswith("\n") and bool(line) and one_line(line) and line == line.lower()

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import threading
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -21,10 +22,13 @@ from pathlib import Path
 from rich.markup import escape
 
 from captioning.layouts import sidecar_of
-from captioning.metadata import TAGS, ExifTool, exiftool_path, write_xmp_sidecar
-from captioning.utils import IMAGE_SUFFIXES, CaptioningError, atomic_write_text, console, failure_message
+from captioning.metadata import TAGS, ExifTool, exiftool_path, write_caption_txt, write_xmp_sidecar
+from captioning.utils import IMAGE_SUFFIXES, CaptioningError, console, failure_message, printable
 
 CSV_HEADER = ["image", "caption", "score"]
+# A cell starting with one of these is a formula to Excel, LibreOffice and Sheets (=HYPERLINK(...), =cmd|...):
+# written with a leading ' as spreadsheet exports do, and read back without it.
+FORMULA = ("=", "+", "-", "@", "\t", "\r")
 # Processes drawing a folder run's PNGs: one per core, up to 4. Drawing costs about as much CPU as encoding
 # and searching a photo, so on 2 cores a second drawer uses what the encoder leaves and draws the backlog at
 # twice the speed once the captions are done.
@@ -82,7 +86,7 @@ class OutputConfig:
 
 
 def warn(message):
-    console.print(f"[yellow]Skipped: {escape(message)}[/]")
+    console.print(f"[yellow]Skipped: {escape(printable(message))}[/]")
 
 
 def _walk(folder, recursive):
@@ -135,31 +139,39 @@ class RowFile:
         self.path, self.kind = Path(path), kind
         self.done = set()
         if self.path.exists():
-            self._read_existing()
+            self._read_existing()   # someone else's file is refused before anything in it changes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "a", encoding="utf-8", newline="")
         if kind == "csv" and self.f.tell() == 0:
             self._append(_csv_line(CSV_HEADER))
 
     def _read_existing(self):
-        with open(self.path, "rb+") as f:
+        with open(self.path, "rb") as f:
             data = f.read()
-            cut = data.rfind(b"\n") + 1
-            if cut < len(data):
+        cut = data.rfind(b"\n") + 1
+        self.done = self._ours(data[:cut].decode("utf-8", "replace"), data[cut:])
+        if cut < len(data):   # a line cut off by a kill: that photo is done again
+            with open(self.path, "rb+") as f:
                 f.truncate(cut)
-        text = data[:cut].decode("utf-8", "replace")
+
+    def _ours(self, text, tail):
+        """The photos in `text` (the file's whole lines), or a one-line refusal unless all of it, and the cut-off
+        `tail`, is what this class writes."""
+        first = (b"image,caption,score\n" if self.kind == "csv" else b'{"image": ')[:max(1, len(tail))]
         if self.kind == "csv":
             rows = list(csv.reader(io.StringIO(text)))
-            if rows and rows[0] != CSV_HEADER:
+            if (rows and rows[0] != CSV_HEADER) or (not rows and tail and not tail.startswith(first)):
                 raise CaptioningError(f"{self.path} exists and is not a caption CSV (its header is not "
                                       f"'image,caption,score'); choose another --csv file.")
-            self.done = {key(r[0]) for r in rows[1:] if r}
-            return
-        for line in text.splitlines():
-            try:
-                self.done.add(key(json.loads(line)["image"]))
-            except (ValueError, KeyError, TypeError):
-                continue   # not one of ours: that photo is done again, the line itself is kept
+            return {key(_uncell(r[0])) for r in rows[1:] if r}
+        try:
+            done = {key(json.loads(line)["image"]) for line in text.splitlines() if line.strip()}
+        except (ValueError, KeyError, TypeError):
+            done = None
+        if done is None or (tail and not tail.startswith(first)):
+            raise CaptioningError(f"{self.path} exists and is not a caption JSONL file (a line is not one of its "
+                                  "objects); choose another --jsonl file.")
+        return done
 
     def _append(self, text):
         self.f.write(text)
@@ -169,7 +181,8 @@ class RowFile:
         if key(result.image) in self.done:
             return
         if self.kind == "csv":
-            text = "".join(_csv_line([result.image, c, f"{s:.4f}"]) for c, s in zip(result.captions, result.scores))
+            text = "".join(_csv_line([_cell(result.image), _cell(c), f"{s:.4f}"])
+                           for c, s in zip(result.captions, result.scores))
         else:
             text = json.dumps(result.to_json(), ensure_ascii=False) + "\n"
         self._append(text)
@@ -179,6 +192,14 @@ class RowFile:
         self.f.close()
 
 
+def _cell(text):
+    return "'" + text if text.startswith(FORMULA) else text
+
+
+def _uncell(text):
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA) else text
+
+
 def _csv_line(fields):
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(fields)
@@ -186,8 +207,29 @@ def _csv_line(fields):
 
 
 def write_txt_sidecar(photo, caption):
-    """photo.txt beside photo.jpg, the caption and a newline (what dataset-captioning tools read)."""
-    atomic_write_text(sidecar_of(photo), caption + "\n")
+    """photo.txt beside photo.jpg, the caption and a newline (what dataset-captioning tools read); None or a
+    one-line refusal (a .txt that is not a caption sidecar is left as it is: metadata.write_caption_txt)."""
+    return write_caption_txt(sidecar_of(photo), caption)
+
+
+def png_names(photos):
+    """Each photo's PNG under the output folder (by key): <stem>_captioned.png, unless an earlier photo (a.jpg
+    before a.png, a/x.jpg before b/x.jpg from another folder) has that name, case aside: then its extension,
+    and a number if need be, join the stem. Stable: the same photos in the same order get the same names."""
+    plain = [p.rel.parent / f"{p.rel.stem}_captioned.png" for p in photos]
+    used, out = set(str(n).lower() for n in plain), {}
+    taken = Counter()
+    for photo, name in zip(photos, plain):
+        taken[str(name).lower()] += 1
+        if taken[str(name).lower()] > 1:
+            stem, n = f"{photo.rel.stem}_{photo.rel.suffix.lstrip('.').lower()}", 1
+            name = photo.rel.parent / f"{stem}_captioned.png"
+            while str(name).lower() in used:
+                n += 1
+                name = photo.rel.parent / f"{stem}_{n}_captioned.png"
+            used.add(str(name).lower())
+        out.setdefault(key(photo.path), name)
+    return out
 
 
 def _draw(image, captions, png, words, alphas, attention_png):
@@ -221,6 +263,7 @@ class Outputs:
         self.rows = [RowFile(p, k) for p, k in ((cfg.csv, "csv"), (cfg.jsonl, "jsonl")) if p]
         self.exiftool = ExifTool() if cfg.metadata or (cfg.xmp and exiftool_path()) else None
         self.failures = []
+        self.names = {}   # png_names of the run's photos, set by todo
         # spawn, not fork: a forked copy of a process running torch's threads can deadlock.
         # One photo is drawn in this process: starting a worker would cost more than the drawing.
         self.pool = ProcessPoolExecutor(PNG_WORKERS, mp_context=get_context("spawn")) if cfg.png and not single \
@@ -234,7 +277,7 @@ class Outputs:
     def png_path(self, photo):
         if self.single:
             return self.png_out
-        return self.png_out / photo.rel.parent / f"{photo.rel.stem}_captioned.png"
+        return self.png_out / (self.names.get(key(photo.path)) or png_names([photo])[key(photo.path)])
 
     def _exists(self, photo):
         """With --skip-existing: whether every file output of this photo is there already."""
@@ -246,6 +289,7 @@ class Outputs:
     def todo(self, photos):
         """The photos not done yet: those in every CSV/JSONL given are (a rerun resumes), and with
         --skip-existing those whose sidecars and PNG exist."""
+        self.names = png_names(photos)
         left = [p for p in photos if not (self.rows and all(key(p.path) in r.done for r in self.rows))]
         if self.cfg.skip_existing:
             left = [p for p in left if self.rows or not self._exists(p)]
@@ -390,7 +434,7 @@ def caption_photos(stream, inputs, opts: OutputConfig, paths=None, has_attention
     if failures and single:
         raise CaptioningError(failures[0])
     for f in failures:
-        console.print(f"[yellow]Skipped: {escape(f)}[/]")
+        warn(f)
     if opts.attention and not has_attention:
         console.print("[yellow]This model has no attention (lstm decoder); no attention map was drawn.[/]")
     return results

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
+from captioning.images import open_image
 from captioning.utils import atomic_write
 
 try:    # ISA-L's deflate: a zlib stream like zlib's own at level 1, about three times faster and no larger
@@ -56,7 +57,7 @@ def _save(fig, path):
 def _to_rgb(image):
     """Any PIL image (or a path to one) as RGB; transparency is flattened onto white, not black."""
     if not isinstance(image, Image.Image):
-        with Image.open(image) as im:
+        with open_image(image) as im:
             image = ImageOps.exif_transpose(im)
             image.load()
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):

@@ -21,6 +21,13 @@ class CaptioningError(Exception):
     """A failure the user can act on. Its message is one plain sentence, shown without a traceback."""
 
 
+def printable(text):
+    """`text` for a terminal with control and format characters shown as escapes (\\n, \\x1b, \\u202e): a
+    file name or caption can never move the cursor, recolour the screen or forge a line of output."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+                   for c in str(text))
+
+
 def failure_message(exc, batch_option="--batch-size"):
     """One line for any failure, for the CLI and the menu alike: a CaptioningError as it is, resource and file
     system errors as what to do about them, anything else as its type and first line (a bug: --debug)."""
