@@ -25,6 +25,7 @@ class Captioner:
         self.ckpt = ckpt
         self.vocab = Vocabulary(ckpt["vocab"])
         self.config = ModelConfig(**ckpt["model_config"])
+        self._check_sizes(ckpt["decoder_state"])
         self.decoder = build_decoder(self.config)
         try:
             self.decoder.load_state_dict({k: v.float() for k, v in ckpt["decoder_state"].items()})
@@ -36,6 +37,15 @@ class Captioner:
         self.grid_hw = tuple(ckpt.get("grid_hw") or (0, 0))
         self.memory = checkpoint_memory(ckpt, self.config.feat_dim)   # None: plain beam search
         self._encoder = None
+
+    def _check_sizes(self, state):
+        """The decoder the configuration describes, built on the meta device (no memory), must have the
+        stored weights' shapes: a checkpoint cannot make us allocate a decoder larger than the file."""
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_decoder(self.config).state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in state.items()}:
+            raise CaptioningError(f"The model file {self.source} does not match its own configuration "
+                                  "(another version or a damaged file).")
 
     @classmethod
     def load(cls, model=None, workdir=".", device="auto", ensemble=()):
@@ -70,7 +80,8 @@ class Captioner:
     def encoder(self):
         """Built on first use: the CNN costs more to build than the decoder."""
         if self._encoder is None:
-            trunk, transform = build_encoder(self.spec)
+            # The built-in model's encoder is the tool's own choice; any other file's may not start a download.
+            trunk, transform = build_encoder(self.spec, download=self.source == BUILTIN)
             # Folded as extraction folds it: the same arithmetic as the training features, and faster.
             trunk = fold_batchnorm(trunk).to(self.device)
             if self.device.type == "cpu":

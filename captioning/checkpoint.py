@@ -15,6 +15,9 @@ from .utils import CaptioningError, atomic_write_json, temp_path_for
 FORMAT = "image-captioning"
 VERSION = 1
 BUILTIN = Path(__file__).parent / "assets" / "default_model.pt"
+# torch.save stores its records uncompressed, but torch.load inflates compressed ones too: a 200 KB file
+# can unpack to gigabytes. A checkpoint may unpack to at most twice its size on disk, plus this much.
+EXPANSION_SLACK = 64 << 20
 
 
 def save_checkpoint(path, ckpt):
@@ -42,6 +45,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise CaptioningError(f"Model file not found: {path}")
     if path.is_dir():
         raise CaptioningError(f"Expected a model file (.pt) but got a folder: {path}")
+    check_expansion(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     # Each failure is one sentence for the user; `from e` keeps torch's own error for --debug.
@@ -64,6 +68,21 @@ def load_checkpoint(path, map_location="cpu"):
         if key not in ckpt:
             raise CaptioningError(f"{path} is incomplete: it has no '{key}'.")
     return ckpt
+
+
+def check_expansion(path):
+    """Refuse a zip-format checkpoint whose records would unpack to far more than the file holds (a zip
+    bomb), from the sizes its directory declares (torch's reader never inflates a record past them)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return   # not a zip (or unreadable): torch.load says what is wrong with it
+    on_disk = Path(path).stat().st_size
+    if unpacked > 2 * on_disk + EXPANSION_SLACK:
+        raise CaptioningError(f"Refusing to load {path}: its {on_disk / 1e6:.1f} MB would unpack to "
+                              f"{unpacked / 1e9:.1f} GB in memory (compressed records torch.save never writes).")
 
 
 def training_checkpoint(run, epoch):

@@ -77,12 +77,19 @@ def _download_hint(name):
             f"or pass --encoder-weights PATH.")
 
 
-def build_encoder(spec: EncoderSpec):
-    """Build the frozen trunk and its preprocessing transform. Returns (module in eval mode, transform)."""
+def build_encoder(spec: EncoderSpec, download=True):
+    """Build the frozen trunk and its preprocessing transform. Returns (module in eval mode, transform).
+    `download=False`: weights that are not in the local cache are one sentence, not a download (a model
+    file from elsewhere names the encoder: it must not make the machine fetch gigabytes)."""
     spec = concrete_spec(spec)
     weights = resolve_weights(spec.name, spec.weights)
     transform = weights.transforms()  # the right resize/crop/normalisation even for random init
     load_pretrained = spec.weights is not None and spec.weights_path is None
+    if load_pretrained and not download and not _cached(weights):
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise CaptioningError(f"This model's encoder '{spec.name}' needs pretrained weights that are not on this "
+                              f"machine; nothing was downloaded. Put {weights.url} in {cache} (or set TORCH_HOME "
+                              "to a folder whose hub/checkpoints/ holds it).")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)  # random-init encoders come out identical at train and caption time
         try:

@@ -5,6 +5,7 @@ preprocesses with `resize_crop` and `normalise`, which reproduce torchvision's I
 transform on a PIL image step by step (short side resized with Pillow, center crop, /255, mean/std), as
 features.Preprocess applies it: same pixels in, so the same features out.
 """
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,11 @@ from .utils import CaptioningError
 # can claim 121 Mpx (2.8 GB decoded). Pillow itself only warns up to twice its limit.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)   # open_image refuses them itself
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# The decoders a photo may reach, whatever its name says (utils.IMAGE_SUFFIXES; MPO is how Pillow reads
-# many phones' JPEGs). Not EPS/PS (Ghostscript, wherever it is installed), nor Pillow's dozens of others.
-FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# The decoders a photo may reach, whatever its name says (utils.IMAGE_SUFFIXES; JPEG includes the MPO
+# files many phones write). Not EPS/PS (Ghostscript, wherever it is installed), nor Pillow's dozens of others.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 
 def open_image(source):

@@ -15,13 +15,14 @@ not even indirectly: tests run it where importing torch fails.
 """
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import SearchConfig
 from .consensus import memory_from_arrays
-from .images import load_image, normalise, resize_crop, to_rgb
+from .images import PIL_FILTERS, load_image, normalise, resize_crop, to_rgb
 from .npsearch import SEARCH_BATCH, search
 from .outputs import OutputConfig, Pending, caption_photos, make_results
 from .utils import CaptioningError, add_task, advance_task, make_progress
@@ -34,6 +35,8 @@ VOCAB = "vocab.json"
 MEMORY = "memory.npz"
 GRAPHS = {"encoder": "encoder.onnx", "init": "init.onnx", "step": "step.onnx"}
 ENCODE_BATCH = 8           # images per encoder run
+MAX_MEMORY_BYTES = 1 << 30 # memory.npz unpacked (Flickr8k's is a few MB, COCO's under 100 MB)
+MAX_SIDE = 2048            # preprocess resize and crop (encoders take 224-600 px)
 INSTALL = "pip install -r requirements-onnx.txt"
 
 
@@ -61,13 +64,54 @@ def read_config(folder):
     for name in [*GRAPHS.values(), VOCAB]:
         if not (folder / name).is_file():
             raise CaptioningError(f"{folder} is incomplete: {name} is missing; export the model again.")
+    if not _config_in_bounds(config):
+        raise CaptioningError(f"{path} holds sizes out of bounds (preprocess, grid or features); export the model "
+                              "again.")
     return config
+
+
+def _config_in_bounds(config):
+    """Whether config.json's numbers are ones an export writes: checked before any of them sizes an array."""
+    def ints(values, top, low=1):
+        return all(type(v) is int and low <= v <= top for v in values)
+
+    def floats(values):
+        return len(values) == 3 and all(type(v) in (int, float) and -1e3 < v < 1e3 for v in values)
+    try:
+        prep, grid = config["preprocess"], config["grid_hw"]
+        return (ints([prep["resize"], prep["crop"]], MAX_SIDE) and prep["interpolation"] in PIL_FILTERS
+                and floats(prep["mean"]) and floats(prep["std"]) and all(v > 0 for v in prep["std"])
+                and len(grid) == 2 and ints(grid, 256, 0) and ints([config["feat_dim"]], 1 << 16))
+    except (KeyError, TypeError):
+        return False
+
+
+def _npz_bytes(path):
+    """The bytes memory.npz's arrays take once loaded, from their .npy headers (nothing inflated beyond them)."""
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read:
+                    raise ValueError(f"unknown .npy version {version}")
+                shape, _, dtype = read[version](f)
+                total += int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+    return total
 
 
 def read_memory(path, channels):
     """The export's consensus memory, or None when it has none (plain beam search)."""
     if not path.exists():
         return None
+    try:
+        size = _npz_bytes(path)
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:
+        raise CaptioningError(f"{path} is damaged; export the model again.") from e
+    if size > MAX_MEMORY_BYTES:
+        raise CaptioningError(f"Refusing to load {path}: it would take {size / 1e9:.1f} GB in memory (at most "
+                              f"{MAX_MEMORY_BYTES / 1e9:.1f} GB).")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             memory = memory_from_arrays(dict(arrays), channels)
