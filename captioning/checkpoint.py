@@ -17,7 +17,7 @@ VERSION = 1
 BUILTIN = Path(__file__).parent / "assets" / "default_model.pt"
 # torch.save stores its records uncompressed, but torch.load inflates compressed ones too: a 200 KB file
 # can unpack to gigabytes. A checkpoint may unpack to at most twice its size on disk, plus this much.
-EXPANSION_SLACK = 64 << 20
+EXPANSION_SLACK = 16 << 20
 
 
 def save_checkpoint(path, ckpt):
