@@ -92,7 +92,9 @@ class ExifTool:
             new = private / path.name
             # -o FOLDER/: a new copy of the same name in the private folder (a file name given to -o would make
             # exiftool build that format from scratch: it cannot for WebP); -P keeps the modification time.
-            out = self.run(["-P", "-charset", "utf8", *(f"{t}={caption}" for t in tags), "-o", f"{private}/",
+            # -o reads %d, %f, %e as format codes and a folder's name may hold them, so the folder is named
+            # as %d (the photo's folder, as exiftool was given it) and mkdtemp's random name (no %).
+            out = self.run(["-P", "-charset", "utf8", *(f"{t}={caption}" for t in tags), "-o", f"%d{private.name}/",
                             str(path.absolute())])
             if "1 image files created" not in out or not new.is_file():
                 why = next((ln.split(":", 1)[-1].strip() for ln in out.splitlines() if ln.startswith("Error")),

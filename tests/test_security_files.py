@@ -88,6 +88,14 @@ def test_a_symlink_at_exiftools_temporary_name_writes_nothing_there(tmp_path, to
 
 
 @needs_exiftool
+def test_a_folder_name_with_format_codes_is_only_a_name(tmp_path, tool):
+    folder = tmp_path / "50%d%f"   # exiftool's -o would expand %d (the source's folder) and %f
+    photo = jpeg(folder.mkdir() or folder / "p.jpg")
+    assert tool.write(photo, "a cat") is None and description(photo) == "a cat"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["50%d%f", "p.jpg"]
+
+
+@needs_exiftool
 def test_a_killed_runs_debris_is_cleared_and_a_killed_exiftool_leaves_none(tmp_path, tool):
     photo = jpeg(tmp_path / "p.jpg")
     debris = tmp_path / f"{TMP_PREFIX}abc123"
