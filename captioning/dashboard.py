@@ -2,18 +2,18 @@
 
     pip install -r requirements-dashboard.txt
     python image_captioning.py dashboard [--workdir DIR] [--model PATH] [--image PATH] [--port N] [--host ADDRESS]
-                                         [--allow-path DIR ...] [--password [TEXT]]
+                                         [--allow-path DIR ...] [--allow-host NAME ...] [--password [TEXT]]
     streamlit run captioning/dashboard.py -- [--workdir DIR] [--model PATH] [--image PATH] [--allow-path DIR]
 
-Streamlit reruns this whole script on every click. The models therefore live in st.cache_resource (loaded
-once per server, not per rerun), and each photo's caption, PNGs and segmentation are kept in the session
+Streamlit reruns this whole script on every click. The models therefore live in this module's globals
+(loaded once per server, not per rerun), and each photo's caption, PNGs and segmentation are kept in the session
 so that moving a slider recomputes only what the slider changed. Streamlit is an optional dependency:
 nothing else in the package imports this module.
 
 Who may read what is decided here, from the address the server really listens on (Streamlit's
 server.address, which `streamlit run` without it leaves at every interface): beyond this computer the
 path box exists only for the --allow-path folders, and a password in IMAGE_CAPTIONING_DASHBOARD_PASSWORD
-is asked for before anything else is drawn.
+is asked for before anything else is drawn or uploaded. README.md's "Security" section says what holds.
 """
 import argparse
 import collections
