@@ -472,7 +472,7 @@ def wrong_guess(now):
     with _LOCK:
         _FAILURES.append(now)
         count = len(_FAILURES)
-    who = getattr(st.context, "ip_address", None) or "an unknown address"
+    who = getattr(st.context, "ip_address", None) or "this computer"   # Streamlit gives None for loopback
     print(f"dashboard: wrong password from {who} (session {session_id()[:8]}; {count} in the last "
           f"{PASSWORD_WINDOW} s)", file=sys.stderr, flush=True)
 

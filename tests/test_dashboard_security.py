@@ -3,6 +3,7 @@ other host names (DNS rebinding), a dozen sessions at once, uploads before the p
 probing outside --allow-path, a symlink swapped in after the check, password guessing from many sessions,
 a visitor's "clear cache", --password without a terminal, and no outbound address lookup. The running
 server is spoken to over Streamlit's own websocket protocol, as the page's JavaScript speaks it."""
+import contextlib
 import io
 import json
 import os
@@ -53,8 +54,9 @@ class Session:
 
     def __init__(self, server):
         from websockets.sync.client import connect
-        self.ws = connect(f"ws://127.0.0.1:{server.port}/_stcore/stream", subprotocols=["streamlit"],
-                          open_timeout=30, max_size=None)
+        self._open = contextlib.ExitStack()
+        self.ws = self._open.enter_context(connect(f"ws://127.0.0.1:{server.port}/_stcore/stream",
+                                                   subprotocols=["streamlit"], open_timeout=30, max_size=None))
         self.id, self.widgets = None, {}
 
     def send(self, **kind):
@@ -94,7 +96,7 @@ class Session:
                 return page
 
     def close(self):
-        self.ws.close()
+        self._open.close()
 
 
 def handshake(server, host):
@@ -183,7 +185,7 @@ def test_wrong_passwords_are_logged_by_the_server(server):
     session.run()
     assert session.run(Password="guess 1")["alert"] == ["Wrong password."]
     session.close()
-    assert "dashboard: wrong password from 127.0.0.1" in server.log_path.read_text()
+    assert "dashboard: wrong password from this computer (session " in server.log_path.read_text()
 
 
 # ---- the page itself (AppTest), and its helpers -------------------------------------------------------
