@@ -77,7 +77,10 @@ def dashboard_options(p):
                    "computer only; 0.0.0.0 is every network it is on)")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="a folder whose photos the "
                    "page may read by path (repeatable); beyond this computer there is no path box without it")
-    p.add_argument("--password", nargs="?", const="", metavar="TEXT", help="ask visitors for this password "
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="a further host name "
+                   "browsers may reach the page by (repeatable; e.g. behind a proxy): others are refused, so that "
+                   "no web page can reach it by pointing its own name at this computer")
+    p.add_argument("--password", nargs="?", const=True, metavar="TEXT", help="ask visitors for this password "
                    f"first (no TEXT: typed at the terminal; or set {PASSWORD_ENV})")
     p.add_argument("--headless", action="store_true", help="do not open a browser (e.g. on a server)")
     p.add_argument("--no-segmentation", action="store_true", help="start with the segmentation view off")
@@ -305,6 +308,29 @@ def is_loopback(host):
         return False
 
 
+WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+UPLOAD_MB = 50   # the largest upload Streamlit takes, in MB; the page reads photos by path up to this size too
+
+
+def allowed_hosts(args):
+    """The Host names the server answers to (DNS rebinding: a page may point its own name at 127.0.0.1,
+    and the browser then sends that name). Loopback always; --host; on every interface, this computer's
+    own names and addresses as it knows them locally; and --allow-host."""
+    import socket
+    hosts = ["localhost", "127.0.0.1", "::1"]
+    if args.host not in WILDCARDS:
+        hosts.append(args.host.strip("[]"))
+    else:
+        name = socket.gethostname()
+        hosts += [name, f"{name}.local"]
+        try:
+            hosts += [info[4][0] for info in socket.getaddrinfo(name, None)]
+        except OSError:
+            pass
+    hosts += args.allow_host
+    return list(dict.fromkeys(h.lower() for h in hosts if h))
+
+
 def dashboard_command(args):
     """The `streamlit run` command line for the dashboard, and the URL it will answer on."""
     from pathlib import Path
@@ -317,9 +343,14 @@ def dashboard_command(args):
     if args.no_segmentation:
         app.append("--no-segmentation")
     # XSRF protection is Streamlit's default; it is spelled out so that no config file can turn it off.
+    # browser.serverAddress, set, keeps Streamlit from asking a web service for this computer's external
+    # address (it does on every interface, headless); no error details: no traceback reaches a visitor.
     command = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("dashboard.py")),
                f"--server.address={args.host}", f"--server.port={args.port}",
                "--server.enableXsrfProtection=true", "--server.enableCORS=true",
+               *[f"--server.allowedHosts={h}" for h in allowed_hosts(args)],
+               f"--browser.serverAddress={'localhost' if args.host in WILDCARDS else args.host.strip('[]')}",
+               f"--server.maxUploadSize={UPLOAD_MB}", "--client.showErrorDetails=none",
                "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--client.toolbarMode=minimal",
                f"--server.headless={'true' if args.headless else 'false'}", "--", *app]
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
@@ -329,9 +360,14 @@ def dashboard_command(args):
 def cmd_dashboard(args):
     """Serve captioning/dashboard.py with Streamlit until it ends or this process gets Ctrl-C, SIGTERM or
     SIGHUP. Streamlit is optional, so it is only looked for here, never imported by the CLI."""
-    if importlib.util.find_spec("streamlit") is None:
+    from pathlib import Path
+    spec = importlib.util.find_spec("streamlit")
+    if spec is None:
         raise CaptioningError("The dashboard needs Streamlit, which is not installed: "
                               "pip install -r requirements-dashboard.txt")
+    if "server.allowedHosts" not in Path(spec.origin).with_name("config.py").read_text(encoding="utf-8"):
+        raise CaptioningError("This Streamlit is too old for the dashboard (it cannot refuse other host names): "
+                              "pip install -U -r requirements-dashboard.txt")
     for folder in args.allow_path:
         if not os.path.isdir(clean_user_path(folder)):
             raise CaptioningError(f"--allow-path {folder} is not a folder.")
@@ -340,9 +376,15 @@ def cmd_dashboard(args):
         raise CaptioningError(f"--image needs --allow-path with --host {args.host}: from the network the page "
                               "reads no folder it was not given.")
     env = dict(os.environ)
+    # The server imports the package from here (dashboard.py does not edit sys.path as it serves).
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if args.password is not None:
         import getpass
-        env[PASSWORD_ENV] = args.password or getpass.getpass("Dashboard password: ")
+        if args.password is True and not sys.stdin.isatty():   # getpass would read (and echo) a pipe instead
+            raise CaptioningError(f"--password without TEXT asks at a terminal, and there is none: set "
+                                  f"{PASSWORD_ENV} instead.")
+        env[PASSWORD_ENV] = getpass.getpass("Dashboard password: ") if args.password is True else args.password
         if not env[PASSWORD_ENV]:
             raise CaptioningError("The dashboard password is empty; give one, or leave out --password.")
     command, url = dashboard_command(args)

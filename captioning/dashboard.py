@@ -2,20 +2,21 @@
 
     pip install -r requirements-dashboard.txt
     python image_captioning.py dashboard [--workdir DIR] [--model PATH] [--image PATH] [--port N] [--host ADDRESS]
-                                         [--allow-path DIR ...] [--password [TEXT]]
+                                         [--allow-path DIR ...] [--allow-host NAME ...] [--password [TEXT]]
     streamlit run captioning/dashboard.py -- [--workdir DIR] [--model PATH] [--image PATH] [--allow-path DIR]
 
-Streamlit reruns this whole script on every click. The models therefore live in st.cache_resource (loaded
-once per server, not per rerun), and each photo's caption, PNGs and segmentation are kept in the session
+Streamlit reruns this whole script on every click. The models therefore live in this module's globals
+(loaded once per server, not per rerun), and each photo's caption, PNGs and segmentation are kept in the session
 so that moving a slider recomputes only what the slider changed. Streamlit is an optional dependency:
 nothing else in the package imports this module.
 
 Who may read what is decided here, from the address the server really listens on (Streamlit's
 server.address, which `streamlit run` without it leaves at every interface): beyond this computer the
 path box exists only for the --allow-path folders, and a password in IMAGE_CAPTIONING_DASHBOARD_PASSWORD
-is asked for before anything else is drawn.
+is asked for before anything else is drawn or uploaded. README.md's "Security" section says what holds.
 """
 import argparse
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -26,23 +27,41 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from stat import S_ISREG
 
-# `streamlit run` puts this file's folder on sys.path, where our datasets.py, utils.py, models.py... would
-# shadow installed packages of the same names. Import the package from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_HERE.parent) not in sys.path:
-    sys.path.insert(0, str(_HERE.parent))
+# `streamlit run` runs this file as a script, in one thread per session, with the file's folder on sys.path.
+# The package must be importable from the repository root: `dashboard` puts it on PYTHONPATH, and a plain
+# `streamlit run captioning/dashboard.py` gets it appended here once (atomic; the test is false ever after).
+# Nothing here edits sys.path on each rerun: a rerun's edit raced other sessions' imports and left them all
+# failing ("No module named 'ctypes'"). Our modules are only ever imported as captioning.X, so the folder
+# on sys.path shadows nothing we import.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 import streamlit as st  # noqa: E402
 
-from captioning.cli import PASSWORD_ENV, is_loopback  # noqa: E402
+from captioning.cli import PASSWORD_ENV, UPLOAD_MB, is_loopback  # noqa: E402
 from captioning.utils import CaptioningError, clean_user_path, collect_images, failure_message  # noqa: E402
 
 MAX_PHOTOS = 50        # a folder of thousands would make a page no browser can show
+MAX_UPLOADS = MAX_PHOTOS   # files one session may hold on the server at once
+MAX_FILE_MB = UPLOAD_MB   # the largest upload, and photo read by path (Streamlit is given it too)
 DISPLAY_SIDE = 1024    # photos are shown, drawn on and segmented at most this large (captioned at full size)
+PASSWORD_TRIES = 10    # wrong passwords the whole server takes per PASSWORD_WINDOW seconds, all sessions together
+PASSWORD_WINDOW = 60
+
+# What the whole server shares lives in this module's globals (the page runs from the imported module, see
+# the end of the file), not in st.cache_resource: any visitor, password or not, can send Streamlit's "clear
+# cache" message, which would make the next visitor reload the model and forget the wrong-password count.
+_LOCK = threading.Lock()
+_MODELS = {}            # (kind, path, mtime, device) → a loaded model; the newest few are kept
+_UNLOCKED = set()       # ids of the sessions that typed the password: only they may upload
+_FAILURES = collections.deque()   # monotonic times of the wrong passwords within PASSWORD_WINDOW
+_GUARDED = False        # the upload store has been told whose uploads to refuse
 
 
 @dataclasses.dataclass
@@ -53,10 +72,15 @@ class Photo:
     key: str           # the same key, the same photo: its results are reused
     source: object     # the uploaded bytes, or a Path
     small: object = None   # RGB PIL image at most DISPLAY_SIDE pixels wide and high
+    roots: tuple = ()  # a photo read by path under --allow-path: these folders, checked again once it is open
 
     def full(self):
         from captioning.encoders import load_image
-        return load_upload(self.name, self.source) if isinstance(self.source, bytes) else load_image(self.source)
+        if isinstance(self.source, bytes):
+            return load_upload(self.name, self.source)
+        if self.roots:
+            return load_upload(self.name, read_inside(self.source, self.roots), shown=str(self.source))
+        return load_image(self.source)
 
 
 def parse_args(argv):
@@ -78,37 +102,71 @@ def md(text):
 
 # --- inputs ------------------------------------------------------------------------------------------
 
-def load_upload(name, data):
+def printable(name):
+    """A file name as the page shows it: NUL and other control characters (which a client may send in an
+    upload's name) as `?`, so that no name can break a path, a message or a line."""
+    return "".join(c if c.isprintable() else "?" for c in str(name))
+
+
+def load_upload(name, data, shown=None):
     """An uploaded file's bytes → RGB PIL image through the CLI's own loader and checks, so that an upload
-    that is not an image, is truncated or is too large gets the CLI's sentence, naming the upload."""
+    that is not an image, is truncated or is too large gets the CLI's sentence, naming the upload (or
+    `shown`: the path of a photo read by path)."""
     from captioning.encoders import load_image
-    safe = Path(str(name)).name[-120:] or "upload"   # a name never chooses a folder; long names are cut
+    safe = printable(Path(str(name)).name)[-120:].lstrip(".") or "upload"   # a name never chooses a folder
     with tempfile.TemporaryDirectory(prefix="captioning-upload-") as tmp:
         path = Path(tmp) / safe
         path.write_bytes(data)
         try:
             return load_image(path)
         except CaptioningError as e:
-            raise CaptioningError(str(e).replace(str(path), safe)) from None
+            raise CaptioningError(str(e).replace(str(path), shown or safe)) from None
+
+
+def allowed_roots(allowed):
+    return [Path(a).expanduser().resolve() for a in allowed]
+
+
+def check_inside(path, roots, shown=None):
+    """`path` resolved (`..`, symlinks), or the one-line refusal when it is outside every root."""
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(root) for root in roots):
+        raise CaptioningError(f"{shown or path} is outside the folders this dashboard may read "
+                              f"({', '.join(map(str, roots))}).")
+    return real
 
 
 def readable_paths(typed, allowed):
     """A typed file/folder path → its image paths, every one inside an `allowed` folder once `..`, symlinks
-    and `~` are resolved (no `allowed`: anything). The typed path is checked before it is looked at (so a
-    refusal does not tell whether something exists out there), then each photo: a folder inside may hold a
-    symlink to a photo outside."""
+    and `~` are resolved (no `allowed`: anything). The typed path is resolved and checked before it is
+    looked at, and then listed as resolved, so that nothing outside is ever touched: the answer cannot tell
+    whether something out there exists (`A/../B/x/../../A/a.jpg` would, listed as typed). Then each
+    photo is checked: a folder inside may hold a symlink to a photo outside."""
+    if "\0" in str(typed):
+        raise CaptioningError(f"The path has a NUL character in it: {printable(str(typed).strip())}")
     typed = clean_user_path(typed)
     if not allowed:
         return collect_images([typed])
-    roots = [Path(a).expanduser().resolve() for a in allowed]
+    roots = allowed_roots(allowed)
+    real = check_inside(typed, roots)
+    return [check_inside(p, roots) for p in collect_images([real])]
 
-    def inside(path):
-        if not any(path.resolve().is_relative_to(root) for root in roots):
-            raise CaptioningError(f"{path} is outside the folders this dashboard may read "
-                                  f"({', '.join(map(str, roots))}).")
-        return path.resolve()
-    inside(typed)
-    return [inside(p) for p in collect_images([typed])]
+
+def read_inside(path, roots):
+    """The bytes of the photo at `path`, checked against `roots` once it is open: a file swapped for a
+    symlink between the check and the open (by someone who can write in an allowed folder) is refused."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))   # a FIFO must not hang the page
+    with os.fdopen(fd, "rb") as f:
+        opened = f"/proc/self/fd/{fd}"
+        if os.path.exists(opened):   # Linux names the file the descriptor really opened
+            check_inside(os.readlink(opened), roots, shown=path)
+        elif os.fstat(fd)[1:3] != check_inside(path, roots).stat()[1:3]:   # elsewhere: same inode and device
+            raise CaptioningError(f"{path} changed while it was read; try again.")
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise CaptioningError(f"Not a regular file: {path}")
+        if os.fstat(fd).st_size > MAX_FILE_MB << 20:
+            raise CaptioningError(f"{path} is larger than {MAX_FILE_MB} MB, the most this dashboard reads.")
+        return f.read()
 
 
 def gather_photos(uploads, typed, remember=lambda key, compute: compute(), allowed=()):
@@ -117,13 +175,14 @@ def gather_photos(uploads, typed, remember=lambda key, compute: compute(), allow
     candidates, errors = [], []
     for up in uploads or []:
         data = up.getvalue()
-        candidates.append(Photo(up.name, hashlib.sha1(data).hexdigest(), data))
+        candidates.append(Photo(printable(up.name), hashlib.sha1(data).hexdigest(), data))
     if typed.strip():
         try:
+            roots = tuple(allowed_roots(allowed))
             for path in readable_paths(typed, allowed):
                 stat = path.stat()   # a file changed on disk is read again
-                candidates.append(Photo(str(path), f"{path}:{stat.st_mtime_ns}:{stat.st_size}", path))
-        except (CaptioningError, OSError) as e:
+                candidates.append(Photo(str(path), f"{path}:{stat.st_mtime_ns}:{stat.st_size}", path, roots=roots))
+        except (CaptioningError, OSError, ValueError) as e:
             errors.append(failure_message(e))
     photos = []
     for photo in candidates[:MAX_PHOTOS]:
@@ -191,25 +250,44 @@ def checkpoint_choices(workdir, model):
     return [(label(p), p) for p in found]
 
 
-@st.cache_resource(show_spinner="Loading the caption model...")
+def shared(key, load, spinner):
+    """The server's one copy of a model (loaded by the first session that needs it; the others wait for
+    it). A failure is not kept: the next session tries again. The newest 4 stay."""
+    with _LOCK:
+        if key not in _MODELS:
+            with st.spinner(spinner):
+                _MODELS[key] = load()
+            while len(_MODELS) > 4:
+                _MODELS.pop(next(iter(_MODELS)))
+        return _MODELS[key]
+
+
+def forget_models():
+    with _LOCK:
+        _MODELS.clear()
+
+
 def load_captioner(path, mtime, device):
-    """`mtime` is part of the cache key: a checkpoint retrained in the meantime is loaded afresh."""
-    from captioning.captioner import Captioner
-    from captioning.checkpoint import load_checkpoint
-    captioner = Captioner(load_checkpoint(path), device, source=Path(path))
-    captioner.encoder()  # build the CNN now, once, rather than at the first photo of every session
-    return captioner
+    """`mtime` is part of the key: a checkpoint retrained in the meantime is loaded afresh."""
+    def load():
+        from captioning.captioner import Captioner
+        from captioning.checkpoint import load_checkpoint
+        captioner = Captioner(load_checkpoint(path), device, source=Path(path))
+        captioner.encoder()  # build the CNN now, once, rather than at the first photo of every session
+        return captioner
+    return shared(("captioner", path, mtime, device), load, "Loading the caption model...")
 
 
-@st.cache_resource(show_spinner="Loading the segmentation model...")
 def load_segmentation(device):
-    """(Segmenter, None), or (None, the sentence saying why not): a failure is cached too, so an offline
+    """(Segmenter, None), or (None, the sentence saying why not): a failure is kept too, so an offline
     machine does not retry the download on every click."""
-    from captioning.segment import load_segmenter
-    try:
-        return load_segmenter(device=device), None
-    except CaptioningError as e:
-        return None, str(e)
+    def load():
+        from captioning.segment import load_segmenter
+        try:
+            return load_segmenter(device=device), None
+        except CaptioningError as e:
+            return None, str(e)
+    return shared(("segmentation", device), load, "Loading the segmentation model...")
 
 
 def memo(key, compute):
@@ -253,7 +331,7 @@ def decoder_description(name):
 
 
 def model_card(captioner, path):
-    from captioning.checkpoint import describe, split_scores, summarize
+    from captioning.checkpoint import BUILTIN, describe, split_scores, summarize
     from captioning.models import DECODERS
     from captioning.render import save_training_curves
     ckpt, cfg = captioner.ckpt, captioner.config
@@ -262,7 +340,8 @@ def model_card(captioner, path):
     attends = getattr(DECODERS.get(cfg.decoder), "uses_grid", False)   # the attention decoders
     sizes = f"embedding {cfg.embed_dim}, hidden {cfg.hidden_dim}" + (f", attention {cfg.attention_dim}" if attends
                                                                      else "")
-    facts = {"file": str(path), "encoder": f"{captioner.spec.name} ({captioner.spec.weights or 'random'} weights)",
+    facts = {"file": "built-in model" if path == BUILTIN else str(path),   # not where the package is installed
+             "encoder": f"{captioner.spec.name} ({captioner.spec.weights or 'random'} weights)",
              "decoder": decoder_description(cfg.decoder), "sizes": sizes,
              "vocabulary": f"{len(captioner.vocab):,} words",
              "epochs trained": str(summary["epoch"])}
@@ -330,8 +409,9 @@ def show_photo(index, photo, result, model_key, attention, segmenter):
 def caption_page(captioner, model_key, settings, args):
     from captioning.search import SearchConfig
     _, beam, count, attention, segmentation = settings
-    uploads = st.file_uploader("Photos", accept_multiple_files=True,
-                               help="JPEG, PNG, GIF, WebP, BMP or TIFF; several at once are fine")
+    uploads = st.file_uploader("Photos", accept_multiple_files=True, max_upload_size=MAX_FILE_MB,
+                               help=f"JPEG, PNG, GIF, WebP, BMP or TIFF; up to {MAX_UPLOADS} at once, "
+                                    f"{MAX_FILE_MB} MB each")
     typed = ""
     if path_box_allowed(args):   # absent, not hidden: a crafted request has no widget to fill in
         typed = st.text_input("...or a photo or folder on this computer", value=args.image, key="path")
@@ -374,23 +454,93 @@ def path_box_allowed(args):
     return bool(args.allow_path) or is_loopback(st.get_option("server.address") or "")
 
 
+def session_id():
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx else ""
+
+
+def too_many_guesses(now):
+    """True while the server has had PASSWORD_TRIES wrong passwords within PASSWORD_WINDOW seconds."""
+    with _LOCK:
+        while _FAILURES and now - _FAILURES[0] > PASSWORD_WINDOW:
+            _FAILURES.popleft()
+        return len(_FAILURES) >= PASSWORD_TRIES
+
+
+def wrong_guess(now):
+    with _LOCK:
+        _FAILURES.append(now)
+        count = len(_FAILURES)
+    who = getattr(st.context, "ip_address", None) or "this computer"   # Streamlit gives None for loopback
+    print(f"dashboard: wrong password from {who} (session {session_id()[:8]}; {count} in the last "
+          f"{PASSWORD_WINDOW} s)", file=sys.stderr, flush=True)
+
+
 def ask_password():
-    """Stop the page here until this session has typed the password (when one is set)."""
+    """Stop the page here until this session has typed the password (when one is set). Wrong passwords
+    are limited for the whole server, not per session (a guesser can open many), and logged."""
     wanted = os.environ.get(PASSWORD_ENV, "")
     if not wanted or st.session_state.get("unlocked"):   # "unlocked" is no widget's key: no client can set it
         return
     typed = st.text_input("Password", type="password")
-    if typed and hmac.compare_digest(typed.encode(), wanted.encode()):
-        st.session_state.unlocked = True
-        st.rerun()
     if typed:
-        time.sleep(1)   # slows guessing down to one try a second per session
+        tried = hashlib.sha256(typed.encode()).hexdigest()   # a rerun with the same text is not a new guess
+        if too_many_guesses(time.monotonic()):
+            st.error(f"Too many wrong passwords; this dashboard takes no more for up to {PASSWORD_WINDOW} "
+                     "seconds.")
+            st.stop()
+        if hmac.compare_digest(typed.encode(), wanted.encode()):
+            st.session_state.unlocked = True
+            with _LOCK:
+                _UNLOCKED.add(session_id())
+            st.rerun()
+        if st.session_state.get("tried") != tried:
+            st.session_state.tried = tried
+            wrong_guess(time.monotonic())
+            time.sleep(1)   # and one try a second per session
         st.error("Wrong password.")
     st.stop()
 
 
+def guard_uploads():
+    """Streamlit keeps any file a session sends to its upload address, whether or not the page shows an
+    uploader, up to server.maxUploadSize each and as many as are sent. Once per server, its store is told
+    to refuse (403) the uploads of sessions that have not typed the password, and (413) a session's files
+    beyond MAX_UPLOADS."""
+    global _GUARDED
+    with _LOCK:
+        if _GUARDED:
+            return
+        _GUARDED = True
+    try:
+        from streamlit import runtime
+        store = runtime.get_instance().uploaded_file_mgr
+    except Exception:   # no server (Streamlit's AppTest): no upload address either
+        return
+    try:
+        from starlette.exceptions import HTTPException as Refused
+    except ImportError:   # another web server: the upload fails all the same
+        def Refused(status_code, detail):
+            return PermissionError(detail)
+    add_file = store.add_file
+
+    def guarded(session_id, file):
+        with _LOCK:
+            unlocked = session_id in _UNLOCKED
+        if os.environ.get(PASSWORD_ENV) and not unlocked:
+            raise Refused(status_code=403, detail="Type the password first.")
+        held = getattr(store, "file_storage", {}).get(session_id, {})
+        if file.file_id not in held and len(held) >= MAX_UPLOADS:
+            raise Refused(status_code=413, detail=f"At most {MAX_UPLOADS} files at a time.")
+        return add_file(session_id, file)
+    store.add_file = guarded
+
+
 def main():
     args, unknown = parse_args(sys.argv[1:])
+    guard_uploads()
+    hide_error_details()
     st.set_page_config(page_title="image-captioning", layout="wide")
     st.title("image-captioning")
     ask_password()
@@ -413,5 +563,19 @@ def main():
         caption_page(captioner, model_key, settings, args)
 
 
+def hide_error_details():
+    """No traceback (with this computer's paths) on the page, even under a plain `streamlit run`: an
+    unexpected error shows Streamlit's generic sentence, and the details go to the server's log."""
+    from streamlit import config
+    if config.get_option("client.showErrorDetails") not in ("none", False):
+        try:
+            st.set_option("client.showErrorDetails", "none")
+        except Exception:   # a Streamlit that does not allow it at run time: `dashboard` sets it at start
+            pass
+
+
 if __name__ == "__main__":
-    main()
+    # Streamlit runs this file afresh as __main__ on every rerun; the page runs from the imported module,
+    # whose globals (the models, the password count) last as long as the server.
+    from captioning import dashboard
+    dashboard.main()

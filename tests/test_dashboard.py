@@ -55,14 +55,18 @@ def photos(shapes_data):
 @pytest.fixture
 def app(monkeypatch):
     """AppTest for the dashboard with these command-line arguments, served as if on `host` (the address
-    `dashboard --host` gives Streamlit; the page reads it back); caches start empty."""
+    `dashboard --host` gives Streamlit; the page reads it back); the server's models and password count
+    start empty."""
     st = pytest.importorskip("streamlit")
     from streamlit import config
     from streamlit.testing.v1 import AppTest
-    before = config.get_option("server.address")
+    before = [config.get_option(o) for o in ("server.address", "client.showErrorDetails")]
+    dash = dashboard()
 
     def make(*argv, host="127.0.0.1"):
         st.cache_resource.clear()
+        dash.forget_models()
+        dash._FAILURES.clear()
         config.set_option("server.address", host)
         monkeypatch.setattr(sys, "argv", ["dashboard.py", *map(str, argv)])
         at = AppTest.from_file(APP, default_timeout=120)
@@ -70,7 +74,8 @@ def app(monkeypatch):
         assert not at.exception, at.exception
         return at
     yield make
-    config.set_option("server.address", before)
+    config.set_option("server.address", before[0])
+    config.set_option("client.showErrorDetails", before[1])   # the page turns the details off
 
 
 def expected_captions(workdir, image_path, beam=3, count=3):
@@ -406,6 +411,7 @@ def test_dashboard_on_the_network_says_so_and_takes_allow_path_and_a_password(fa
                    "Dashboard at http://0.0.0.0:8501 (Ctrl-C stops it)."]
     # The password from the terminal reaches the server in its environment, never in a command line.
     monkeypatch.setattr("getpass.getpass", lambda prompt: "s3cret")
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (io.StringIO,), {"isatty": lambda self: True})())
     assert cli_module.main(["dashboard", "--workdir", str(tmp_path), "--host", "::", "--password",
                             "--allow-path", str(tmp_path / "photos"), "--allow-path", "~"]) == 0
     server = fake_server[0].started[1]
