@@ -55,9 +55,9 @@ def flickr_cache(encoder="mobilenet_v2", mirror=False):
             continue
         if (folder / "progress.json").exists() and '"complete": true' in (folder / "progress.json").read_text():
             return folder
-    from captioning.encoders import EncoderSpec
-    from captioning.features import ExtractConfig, extract_features
-    from captioning.prepare import prepare
+    from captioning.features.encoders import EncoderSpec
+    from captioning.features.extract import ExtractConfig, extract_features
+    from captioning.features.prepare import prepare
     print(f"# extracting {encoder} features of Flickr8k into {WORK} (once)", file=sys.stderr)
     store = prepare(FLICKR8K, WORK, EncoderSpec(encoder), ExtractConfig(device="cpu"))[2]
     if mirror:
@@ -71,7 +71,7 @@ def checkpoint(name):
     path = RUNS / name / "models" / "best.pt"
     if path.exists():
         return path
-    from captioning.checkpoint import BUILTIN
+    from captioning.training.checkpoint import BUILTIN
     return BUILTIN if name == "att" and BUILTIN.exists() else None
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from captioning.encoders import load_image
-from captioning.search import beam_search
-from captioning.train import optimizer_step
-from captioning.vocab import PAD
+from captioning.features.encoders import load_image
+from captioning.search.torch_search import beam_search
+from captioning.training.train import optimizer_step
+from captioning.data.vocab import PAD
 
 
 @torch.inference_mode()

@@ -28,8 +28,8 @@ WORK = {"attention": 30, "lstm": 60, "encoder": 40}
 
 def child(kind, steps):
     import torch
-    from captioning.models import ModelConfig, build_decoder
-    from captioning.train import TrainConfig, decoder_loss
+    from captioning.models.decoders import ModelConfig, build_decoder
+    from captioning.training.train import TrainConfig, decoder_loss
     torch.manual_seed(0)
     if kind == "encoder":
         import torchvision

@@ -43,9 +43,9 @@ def pytest_collection_modifyitems(items):
 
 
 def run_training(workdir, data, decoder, epochs, **model_kw):
-    from captioning.demo import demo_configs
-    from captioning.features import ExtractConfig
-    from captioning.train import train
+    from captioning.interfaces.demo import demo_configs
+    from captioning.features.extract import ExtractConfig
+    from captioning.training.train import train
     spec, cfg = demo_configs(epochs=epochs, seed=0)
     cfg.model.decoder = decoder
     for k, v in model_kw.items():
@@ -55,7 +55,7 @@ def run_training(workdir, data, decoder, epochs, **model_kw):
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    from captioning.synthetic import make_shapes_dataset
+    from captioning.data.synthetic import make_shapes_dataset
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_images=400, seed=0)
 
 
@@ -85,7 +85,7 @@ def cli(*args, cwd=None, env=None, input=None, timeout=600):
 @pytest.fixture
 def run_main(monkeypatch, capsys):
     """cli.main(argv) in this process → (exit code, stdout, stderr)."""
-    from captioning import cli as cli_module
+    from captioning.interfaces import cli as cli_module
     monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # main() sets it when unset
 
     def run(*argv):
@@ -219,7 +219,7 @@ def tiny(tmp_path_factory):
     so that the real entry script runs offline."""
     import torch
     import torchvision
-    from captioning.synthetic import make_shapes_dataset
+    from captioning.data.synthetic import make_shapes_dataset
     root = tmp_path_factory.mktemp("robust")
     data = make_shapes_dataset(root / "data", n_images=N_IMAGES, size=64, seed=1)
     weights = root / "resnet18-random.pt"

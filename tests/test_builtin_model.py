@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import checkpoint as ck
-from captioning.captioner import Captioner
-from captioning.search import SearchConfig
+from captioning.training import checkpoint as ck
+from captioning.inference.captioner import Captioner
+from captioning.search.torch_search import SearchConfig
 from captioning.utils import CaptioningError
-from captioning.vocab import Vocabulary
+from captioning.data.vocab import Vocabulary
 
 from .conftest import ROOT, TORCH_HOME, cli
 
@@ -137,7 +137,7 @@ def test_mirror_reading_is_the_mirrored_photos_features_and_can_be_turned_off(mo
     assert torch.allclose(both[..., :plain.shape[-1]], plain, atol=1e-4)
     assert torch.allclose(both[..., plain.shape[-1]:], flipped, atol=1e-2 * float(plain.abs().max()))
     assert SearchConfig().mirror
-    from captioning.search import search
+    from captioning.search.torch_search import search
     off = SearchConfig(mirror=False)
     assert c.caption_pil([photo], off)[0].captions == [c.vocab.decode(h.tokens) for h in search(c.decoder, plain, off, memory=c.memory)[0]]
     assert c.caption_pil([photo])[0].captions[0] == c.caption(EXAMPLES[0])

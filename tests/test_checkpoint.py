@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from captioning import checkpoint as ck
+from captioning.training import checkpoint as ck
 from captioning.utils import CaptioningError
 
 
@@ -103,7 +103,7 @@ def test_find_model_order(tmp_path, monkeypatch):
 
 
 def test_split_scores_come_from_the_checkpoint_else_the_report_beside_it(tmp_path):
-    from captioning.checkpoint import report_path, split_scores
+    from captioning.training.checkpoint import report_path, split_scores
     path = tmp_path / "best.pt"
     assert split_scores({}, path, "test") == (None, "")
     report_path(tmp_path, "test").write_text(json.dumps({"scores": {"CIDEr-D": 0.4}, "captions": []}))

@@ -14,8 +14,8 @@ import time
 import pytest
 from PIL import Image
 
-from captioning import checkpoint
-from captioning import cli as cli_module
+from captioning.training import checkpoint
+from captioning.interfaces import cli as cli_module
 from captioning.utils import CaptioningError
 from tests.conftest import ROOT, cli, error_line
 
@@ -51,7 +51,7 @@ def test_help_is_quick_and_does_not_import_torch(args):
 
 
 def test_parser_does_not_import_torch():
-    code = "import sys; from captioning.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    code = "import sys; from captioning.interfaces.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -269,7 +269,7 @@ def kaggle(monkeypatch, tmp_path):
 
 
 def test_download_command_success(tmp_path, kaggle, run_main):
-    from captioning.synthetic import make_shapes_dataset
+    from captioning.data.synthetic import make_shapes_dataset
     folder = make_shapes_dataset(tmp_path / "versions" / "1", n_images=6, size=32)
     calls = kaggle(lambda handle, force: str(folder))
     code, out, err = run_main("download", "--dataset", "flickr8k", "--force")
@@ -348,7 +348,7 @@ def test_debug_shows_what_really_went_wrong_behind_a_clear_error(tmp_path, run_m
     """A clear error keeps the exception it was raised from: without --debug the same one line as ever;
     with --debug the real failure (torch.load's, on a damaged file) and then that line."""
     import torch
-    from captioning.synthetic import make_shapes_dataset
+    from captioning.data.synthetic import make_shapes_dataset
     garbage = write_random_bytes(tmp_path / "garbage.pt", seed=2)
     try:
         torch.load(garbage, weights_only=True)

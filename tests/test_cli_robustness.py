@@ -160,7 +160,7 @@ def test_unreadable_files_simulated(tiny, model_workdir, tmp_path, monkeypatch, 
     """The same as the real test above, with the operating system's refusal simulated (tests run as root)."""
     import PIL.Image
 
-    from captioning import datasets
+    from captioning.data import datasets
     image = sorted((tiny.data / "Images").glob("*.jpg"))[0]
 
     def refuse(path, *args, **kwargs):
@@ -181,7 +181,7 @@ def test_unreadable_files_simulated(tiny, model_workdir, tmp_path, monkeypatch, 
         code, _, err = run_main("train", "--data", tiny.data, "--workdir", tmp_path / "w")
     assert code == 1 and "Permission denied" in error_line(err)
 
-    from captioning import render
+    from captioning.results import render
     with monkeypatch.context() as m:                                # an output folder the user cannot write to
         m.setattr(render, "atomic_write", refuse)
         code, _, err = run_main("caption", image, "--workdir", model_workdir, "--device", "cpu",

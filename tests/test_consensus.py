@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from captioning import checkpoint as ck
-from captioning.captioner import Captioner
-from captioning.consensus import build_memory, memory_from_arrays, pool_config
-from captioning.npsearch import Hypothesis
-from captioning.search import SearchConfig, beam_search, search
+from captioning.training import checkpoint as ck
+from captioning.inference.captioner import Captioner
+from captioning.search.consensus import build_memory, memory_from_arrays, pool_config
+from captioning.search.numpy_search import Hypothesis
+from captioning.search.torch_search import SearchConfig, beam_search, search
 from captioning.utils import CaptioningError
-from captioning.vocab import END
+from captioning.data.vocab import END
 
 from .conftest import cli
 
@@ -84,9 +84,9 @@ def test_pool_config_searches_wider_and_keeps_the_users_other_settings():
 
 
 def _val_features(captioner, workdir, shapes_data, n=12):
-    from captioning.features import ExtractConfig
-    from captioning.prepare import prepare
-    from captioning.store import load_features
+    from captioning.features.extract import ExtractConfig
+    from captioning.features.prepare import prepare
+    from captioning.features.store import load_features
     _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))
     rows = torch.tensor([store.row_of()[str(r.image)] for r in records if r.split == "test"][:n])
     return records, load_features(store, rows, captioner.decoder.uses_grid, "cpu")
@@ -134,8 +134,8 @@ def test_export_keeps_the_memory_and_data_gives_it_to_an_older_model(lstm_model,
 
 
 def test_document_frequencies_are_ciders_own():
-    from captioning.consensus import document_frequencies
-    from captioning.rewards import CiderD, ngram_counts
+    from captioning.search.consensus import document_frequencies
+    from captioning.metrics.cider import CiderD, ngram_counts
     rng = np.random.default_rng(1)
     captions = [[rng.integers(4, 30, rng.integers(1, 9)).tolist() for _ in range(rng.integers(1, 4))]
                 for _ in range(40)]
@@ -149,7 +149,7 @@ def test_document_frequencies_are_ciders_own():
 
 
 def test_a_vocabulary_too_large_for_integer_keys_still_reranks(monkeypatch):
-    from captioning import consensus
+    from captioning.search import consensus
     monkeypatch.setattr(consensus, "document_frequencies", lambda captions, owner: None)
     pooled, captions, centres = two_kinds()
     m = build_memory(pooled, captions, dim=8)

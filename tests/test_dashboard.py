@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import cli as cli_module
-from captioning import menu
-from captioning.captioner import Captioner
-from captioning.checkpoint import describe, load_checkpoint, summarize
-from captioning.encoders import load_image
-from captioning.search import SearchConfig
+from captioning.interfaces import cli as cli_module
+from captioning.interfaces import menu
+from captioning.inference.captioner import Captioner
+from captioning.training.checkpoint import describe, load_checkpoint, summarize
+from captioning.features.encoders import load_image
+from captioning.search.torch_search import SearchConfig
 from captioning.utils import CaptioningError
 from tests.conftest import ROOT
 
@@ -34,7 +34,7 @@ APP = str(ROOT / "captioning" / "dashboard.py")
 def dashboard():
     """The dashboard module for its helpers (it needs streamlit: skip without it)."""
     pytest.importorskip("streamlit")
-    from captioning import dashboard
+    from captioning.interfaces import dashboard
     return dashboard
 
 
@@ -149,10 +149,10 @@ def test_a_folder_path_and_a_missing_path(app, workdir, photos, tmp_path):
 
 
 def test_the_model_loads_once_not_on_every_rerun(app, workdir, photos, monkeypatch):
-    import captioning.checkpoint
+    import captioning.training.checkpoint
     loads = []
-    real = captioning.checkpoint.load_checkpoint
-    monkeypatch.setattr(captioning.checkpoint, "load_checkpoint", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = captioning.training.checkpoint.load_checkpoint
+    monkeypatch.setattr(captioning.training.checkpoint, "load_checkpoint", lambda *a, **k: loads.append(a) or real(*a, **k))
     at = app("--workdir", workdir, "--no-segmentation", "--image", photos[0])
     at.sidebar.slider[0].set_value(1).run()          # beam size 1: greedy
     at.sidebar.slider[1].set_value(1).run()          # one caption
@@ -191,7 +191,7 @@ def test_the_model_card(app, workdir):
 
 
 def test_decoder_descriptions_come_from_the_registry():
-    from captioning.models import DECODERS
+    from captioning.models.decoders import DECODERS
     described = {name: dashboard().decoder_description(name) for name in DECODERS}
     assert described["lstm"] == "lstm (Vinyals et al. 2015)"
     assert described["updown"] == "updown (Anderson et al. 2018, top-down attention with two LSTMs)"
@@ -201,7 +201,7 @@ def test_decoder_descriptions_come_from_the_registry():
 
 
 def test_segmentation_beside_the_caption(app, workdir, photos, monkeypatch):
-    from captioning import segment
+    from captioning.features import segment
     real = segment.load_segmenter
     monkeypatch.setattr(segment, "load_segmenter", lambda device="cpu": real(pretrained=False, device=device))
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def test_results_as_json_and_csv(workdir, photos):
     assert table[0] == {"image": results[0].image, "rank": "1", "caption": results[0].captions[0],
                         "score": f"{results[0].scores[0]:.4f}"}
     # The annotated PNG the download button serves: render.py's drawing, in memory.
-    from captioning.render import save_captioned_image
+    from captioning.results.render import save_captioned_image
     png = dash.png_bytes(save_captioned_image, load_image(photos[0]), results[0].captions)
     with Image.open(io.BytesIO(png)) as im:
         assert im.format == "PNG" and im.width == 800 and im.height > im.width // 2
@@ -324,7 +324,7 @@ def test_results_as_json_and_csv(workdir, photos):
 # ---- the dashboard command and menu option --------------------------------------------------------------
 
 def test_the_cli_and_menu_never_import_streamlit():
-    code = "import sys, captioning.cli, captioning.menu; print('streamlit' in sys.modules)"
+    code = "import sys, captioning.interfaces.cli, captioning.interfaces.menu; print('streamlit' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
 

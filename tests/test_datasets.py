@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioning.datasets import load_dataset
+from captioning.data.datasets import load_dataset
 from captioning.utils import CaptioningError
 
 FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"

@@ -3,14 +3,14 @@ checkpoint round trip, export, and ONNX export. A decoder added to the registry 
 import pytest
 import torch
 
-from captioning import onnx_runtime
-from captioning.captioner import Captioner, caption_files
-from captioning.datasets import load_dataset
-from captioning.onnx_export import export_onnx
-from captioning.outputs import OutputConfig
-from captioning.checkpoint import export_model, load_checkpoint
-from captioning.models import DECODERS, Decoder, build_decoder
-from captioning.search import SearchConfig, beam_search, greedy_search
+from captioning.deploy import onnx_runtime
+from captioning.inference.captioner import Captioner, caption_files
+from captioning.data.datasets import load_dataset
+from captioning.deploy.onnx_export import export_onnx
+from captioning.results.outputs import OutputConfig
+from captioning.training.checkpoint import export_model, load_checkpoint
+from captioning.models.decoders import DECODERS, Decoder, build_decoder
+from captioning.search.torch_search import SearchConfig, beam_search, greedy_search
 from tests.conftest import run_training
 from tests.test_train import copy_cache
 

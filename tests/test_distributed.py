@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from captioning import cli as cli_module
+from captioning.interfaces import cli as cli_module
 from captioning import distributed
-from captioning.models import ModelConfig, build_decoder
-from captioning.train import TrainConfig, decoder_loss
+from captioning.models.decoders import ModelConfig, build_decoder
+from captioning.training.train import TrainConfig, decoder_loss
 from captioning.utils import CaptioningError
 from tests.conftest import ROOT
 
@@ -53,7 +53,7 @@ def torchrun(nproc, *args, wait=True, timeout=120):
 def setup(tmp_path_factory):
     """(dataset, encoder weights file): 100 shape images (about 5 dev images) and a random encoder."""
     import torchvision
-    from captioning.synthetic import make_shapes_dataset
+    from captioning.data.synthetic import make_shapes_dataset
     root = tmp_path_factory.mktemp("dist")
     data = make_shapes_dataset(root / "shapes", n_images=100, size=96, seed=1)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def test_two_rank_extract_writes_the_single_process_cache(setup, single, tmp_pat
 
     # A plain `extract` with this machine's 2 compute threads (as on an idle machine: on a busy one it would
     # use fewer).
-    from captioning import tuning
+    from captioning.features import tuning
     plain, threads = tmp_path / "plain", torch.get_num_threads()
     monkeypatch.setattr(tuning.CpuShare, "others", lambda self: 0.0)
     monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # main() would set it
@@ -284,7 +284,7 @@ def test_shard_ranges_cover_every_row_once_in_whole_batches(n, world, align):
 def test_weighted_parts_give_the_whole_batch_gradient(decoder, monkeypatch):
     """What DDP computes with 2 ranks — the mean of each rank's gradient of its weighted loss — is the
     single-process gradient of the whole batch, although the parts hold different numbers of tokens."""
-    from captioning import train as train_mod
+    from captioning.training import train as train_mod
     torch.manual_seed(0)
     cfg = TrainConfig(att_reg=1.0, label_smoothing=0.1,
                       model=ModelConfig(decoder=decoder, vocab_size=30, feat_dim=8, embed_dim=8, hidden_dim=16,
@@ -332,7 +332,7 @@ def test_train_options_parse():
 
 
 def test_cmd_train_passes_the_runtime_options(monkeypatch, tmp_path):
-    import captioning.train as train_mod
+    import captioning.training.train as train_mod
     seen = {}
     monkeypatch.setattr(train_mod, "train", lambda data, workdir, cfg, spec, extract_cfg, resume: seen.update(
         cfg=cfg, device=extract_cfg.device))

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from captioning.download import HANDLES, download_dataset
-from captioning.synthetic import make_shapes_dataset
+from captioning.data.download import HANDLES, download_dataset
+from captioning.data.synthetic import make_shapes_dataset
 from captioning.utils import CaptioningError
 from tests.conftest import error_line
 from tests.test_datasets import make_flickr, make_mini_coco

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from captioning import evaluate
-from captioning.evaluate import (SCORE_KEYS, _clean, java_available, print_metrics_table, ptb_tokenize,
+from captioning.metrics import scores as evaluate
+from captioning.metrics.scores import (SCORE_KEYS, _clean, java_available, print_metrics_table, ptb_tokenize,
                                  score_captions, write_report)
 from captioning.utils import CaptioningError
 

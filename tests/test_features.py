@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from captioning import features
-from captioning.encoders import EncoderSpec, build_encoder
-from captioning.features import ExtractConfig, extract_features, pick_device
-from captioning.store import open_store
-from captioning.synthetic import make_shapes_dataset
+from captioning.features import extract as features
+from captioning.features.encoders import EncoderSpec, build_encoder
+from captioning.features.extract import ExtractConfig, extract_features, pick_device
+from captioning.features.store import open_store
+from captioning.data.synthetic import make_shapes_dataset
 from captioning.utils import CaptioningError
 
 SPEC = EncoderSpec("resnet18", weights=None)

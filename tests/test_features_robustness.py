@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_compute_thread")
 EXTRACT_DRIVER = '''
 """The `extract` command with the cache's flush interval (argv[1]) set: 0 records every batch at once."""
 import dataclasses, sys
-from captioning import cli
+from captioning.interfaces import cli
 
 flush, argv = float(sys.argv[1]), sys.argv[2:]
 config = cli._extract_config
@@ -71,7 +71,7 @@ def test_extraction_interrupted_then_killed_resumes_to_an_identical_cache(tiny, 
     killed = progress()["done"]          # progress.json is whole: it is only ever replaced atomically
     assert killed > first, f"KILL_SEED={seed}"
 
-    from captioning import features
+    from captioning.features import extract as features
     build, encoded = features.build_encoder, []
 
     def counting_build(spec):

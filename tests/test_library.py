@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from captioning.datasets import load_dataset
-from captioning.metadata import exiftool_path
+from captioning.data.datasets import load_dataset
+from captioning.results.metadata import exiftool_path
 from tests.conftest import ROOT, cli, run_training
 
 
@@ -144,9 +144,9 @@ def test_caption_with_txt_correct_one_then_train_on_the_folder(attention_model, 
 
 def test_pngs_searched_beside_the_encoder_give_the_same_captions(attention_model, shapes_data, tmp_path):
     """With PNGs each batch's search runs in a thread beside the encoder: the same captions, every photo once."""
-    from captioning.captioner import Captioner, caption_files
-    from captioning.outputs import OutputConfig
-    from captioning.search import SearchConfig
+    from captioning.inference.captioner import Captioner, caption_files
+    from captioning.results.outputs import OutputConfig
+    from captioning.search.torch_search import SearchConfig
     _, ckpt = attention_model
     photos = library(shapes_data, tmp_path / "lib", 60, layout=("",))   # searches of 16, 32 and 11 photos
     captioner, cfg = Captioner.load(ckpt, device="cpu"), SearchConfig(beam_size=3)

@@ -8,9 +8,9 @@ import shutil
 import pytest
 from rich.console import Console
 
-from captioning import cli as cli_module
-from captioning import menu
-from captioning.checkpoint import read_summary
+from captioning.interfaces import cli as cli_module
+from captioning.interfaces import menu
+from captioning.training.checkpoint import read_summary
 from tests.conftest import cli
 
 OPTION_LABELS = [label for _, label in menu.OPTIONS]
@@ -47,7 +47,7 @@ def test_first_screen_in_an_empty_workdir(tmp_path):
     assert "image-captioning" in r.stdout
     for label in OPTION_LABELS:
         assert label in r.stdout
-    from captioning.checkpoint import BUILTIN
+    from captioning.training.checkpoint import BUILTIN
     # No model of the user's: the built-in one is shown, said to be built in (or "none yet" without one).
     assert ("built-in Flickr8k model" if BUILTIN.exists() else "none yet") in r.stdout
     assert "none chosen" in r.stdout
@@ -87,7 +87,7 @@ def test_train_prompts_ask_again_for_bad_numbers(tmp_path):
     assert r.returncode == 0
     assert "Traceback" not in r.stderr
     from captioning.config import TrainConfig
-    from captioning.models import DECODERS
+    from captioning.models.decoders import DECODERS
     assert r.stdout.count(f"Please type one of: {', '.join(DECODERS)}.") == 1
     assert r.stdout.count(f"Epochs [{TrainConfig.epochs}]:") == 6
     assert r.stdout.count(f"Batch size [{TrainConfig.batch_size}]:") == 5

@@ -10,8 +10,8 @@ import sys
 import pytest
 from rich.console import Console
 
-from captioning import cli as cli_module
-from captioning import menu
+from captioning.interfaces import cli as cli_module
+from captioning.interfaces import menu
 from tests.conftest import ENTRY, ENV, Proc
 from tests.test_train_robustness import cuda_oom
 
@@ -109,7 +109,7 @@ def test_any_encoder_answer_is_one_line_and_the_menu_goes_on(tiny, tmp_path, scr
 
 
 def test_ctrl_c_during_work_returns_to_the_menu(tiny, tmp_path, scripted_menu, monkeypatch):
-    import captioning.prepare as prepare_module
+    import captioning.features.prepare as prepare_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -119,7 +119,7 @@ def test_ctrl_c_during_work_returns_to_the_menu(tiny, tmp_path, scripted_menu, m
 
 
 def test_menu_errors_are_one_line_unless_debug(tiny, tmp_path, scripted_menu, monkeypatch):
-    import captioning.prepare as prepare_module
+    import captioning.features.prepare as prepare_module
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nmore detail")
@@ -142,7 +142,7 @@ def test_menu_whose_output_is_closed_exits_quietly(tmp_path):
 
 
 def test_gpu_out_of_memory_in_the_menu_suggests_a_smaller_batch(tiny, tmp_path, monkeypatch, scripted_menu):
-    import captioning.train as train_module
+    import captioning.training.train as train_module
     monkeypatch.setattr(train_module, "train", cuda_oom)    # the menu's default encoder needs ImageNet weights
     code, out = scripted_menu(["3", str(tiny.data), "", "", "", "", "7"], "--workdir", tmp_path)
     assert code == 0 and "Traceback" not in out

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from captioning import objectives
-from captioning.models import ModelConfig, build_decoder
-from captioning.objectives import OBJECTIVES, SelfCritical, caption_ids, self_critical_advantage
-from captioning.prepare import CaptionData
-from captioning.train import TrainConfig, train
-from captioning.vocab import END, PAD
+from captioning.training import objectives
+from captioning.models.decoders import ModelConfig, build_decoder
+from captioning.training.objectives import OBJECTIVES, SelfCritical, caption_ids, self_critical_advantage
+from captioning.features.prepare import CaptionData
+from captioning.training.train import TrainConfig, train
+from captioning.data.vocab import END, PAD
 
 
 def test_the_baseline_is_the_mean_of_the_other_samples():
@@ -79,8 +79,8 @@ def test_every_objective_is_registered():
 
 
 def scst(workdir, data, epochs, resume=False):
-    from captioning.demo import demo_configs
-    from captioning.features import ExtractConfig
+    from captioning.interfaces.demo import demo_configs
+    from captioning.features.extract import ExtractConfig
     spec, cfg = demo_configs(epochs=epochs, seed=0)
     cfg.objective, cfg.batch_size, cfg.scst_samples, cfg.scst_lr, cfg.dev_images = "scst", 40, 4, 1e-4, 20
     return train(data, workdir, cfg, spec, ExtractConfig(device="cpu", num_workers=1), resume=resume)

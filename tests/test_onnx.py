@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import npsearch
-from captioning import onnx_runtime as rt
-from captioning.captioner import Captioner, caption_files
-from captioning.checkpoint import BUILTIN, save_checkpoint
-from captioning.encoders import EncoderSpec
-from captioning.models import DECODERS, Decoder, ModelConfig, build_decoder
-from captioning.onnx_export import export_onnx
-from captioning.outputs import OutputConfig
-from captioning.search import SearchConfig, _banned_trigrams, beam_search
+from captioning.search import numpy_search as npsearch
+from captioning.deploy import onnx_runtime as rt
+from captioning.inference.captioner import Captioner, caption_files
+from captioning.training.checkpoint import BUILTIN, save_checkpoint
+from captioning.features.encoders import EncoderSpec
+from captioning.models.decoders import DECODERS, Decoder, ModelConfig, build_decoder
+from captioning.deploy.onnx_export import export_onnx
+from captioning.results.outputs import OutputConfig
+from captioning.search.torch_search import SearchConfig, _banned_trigrams, beam_search
 from captioning.utils import CaptioningError
-from captioning.vocab import SPECIALS
+from captioning.data.vocab import SPECIALS
 
 from .conftest import ROOT, TORCH_HOME, cli, error_line
 
@@ -116,7 +116,7 @@ def test_numpy_beam_search_finds_torch_captions(exported):
 
 
 def test_the_runtime_preprocesses_photos_exactly_as_captioning_does(exports, tmp_path):
-    from captioning.features import Preprocess
+    from captioning.features.extract import Preprocess
     captioner, folder = exports("attention")
     onnx_captioner = rt.OnnxCaptioner(folder)
     prep = Preprocess(captioner.encoder()[1])
@@ -181,7 +181,7 @@ def test_the_runtime_needs_no_torch(exported, tmp_path):
     captioner, folder = exported
     png = tmp_path / "out.png"
     code = NO_TORCH + (
-        "from captioning.cli import main; from captioning import Captioner; "
+        "from captioning.interfaces.cli import main; from captioning import Captioner; "
         f"rc = main(['caption', {str(EXAMPLES[0])!r}, '--model', {str(folder)!r}, '--output', {str(png)!r}, "
         f"'--json', '--num-captions', '2', '--csv', {str(tmp_path / 'c.csv')!r}]); "
         f"print(Captioner.load({str(folder)!r}).caption({str(EXAMPLES[0])!r}), file=sys.stderr); "
@@ -223,8 +223,8 @@ def test_a_bad_export_folder_is_one_line(exports, tmp_path, how, says):
 
 
 def test_the_consensus_memory_travels_with_the_export_and_reranks_alike(tmp_path):
-    from captioning.checkpoint import load_checkpoint, memory_tensors
-    from captioning.consensus import build_memory
+    from captioning.training.checkpoint import load_checkpoint, memory_tensors
+    from captioning.search.consensus import build_memory
     rng = np.random.default_rng(0)
     ckpt = load_checkpoint(small_checkpoint(tmp_path / "plain.pt", "attention"))
     captions = [[rng.integers(len(SPECIALS), len(WORDS), 6).tolist() for _ in range(3)] for _ in range(50)]

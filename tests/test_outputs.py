@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from captioning.captioner import Result
-from captioning.metadata import ExifTool, exiftool_path, write_xmp_sidecar
-from captioning.outputs import FIRST_SEARCH, Pending, Photo, RowFile, find_photos, key
+from captioning.inference.captioner import Result
+from captioning.results.metadata import ExifTool, exiftool_path, write_xmp_sidecar
+from captioning.results.outputs import FIRST_SEARCH, Pending, Photo, RowFile, find_photos, key
 from captioning.utils import CaptioningError
 
 needs_exiftool = pytest.mark.skipif(exiftool_path() is None, reason="exiftool not installed "

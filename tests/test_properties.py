@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from rich.console import Console
 
-from captioning import menu
-from captioning.datasets import load_dataset
+from captioning.interfaces import menu
+from captioning.data.datasets import load_dataset
 from captioning.utils import CaptioningError, clean_user_path
-from captioning.vocab import END, PAD, START, UNK, Vocabulary, tokenize
+from captioning.data.vocab import END, PAD, START, UNK, Vocabulary, tokenize
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

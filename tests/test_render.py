@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning import render
-from captioning.render import png_bytes, save_attention_map, save_captioned_image, save_training_curves
+from captioning.results import render
+from captioning.results.render import png_bytes, save_attention_map, save_captioned_image, save_training_curves
 
 
 def photo(w=64, h=48, mode="RGB"):

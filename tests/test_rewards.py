@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from captioning.rewards import CiderD
+from captioning.metrics.cider import CiderD
 
 WORDS = "a dog man runs in the grass red shirt ball plays with water boy girl jumps".split()
 

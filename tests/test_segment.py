@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import segment
+from captioning.features import segment
 from captioning.utils import CaptioningError
 
 

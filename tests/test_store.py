@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.encoders import EncoderSpec
-from captioning.store import (RowWriter, cache_dir_for, feature_stats, load_features, load_unique, open_store)
+from captioning.features.encoders import EncoderSpec
+from captioning.features.store import (RowWriter, cache_dir_for, feature_stats, load_features, load_unique, open_store)
 from captioning.utils import CaptioningError
 
 
@@ -80,7 +80,7 @@ def test_cache_folder_is_keyed_by_encoder_and_images(tmp_path):
 def test_mixed_store_reads_each_row_from_the_view_its_flag_names(tmp_path):
     """The --flip augmentation: a row flagged reads the mirror cache's row, the others the plain one,
     through the same readers training uses (repeated and unsorted rows included)."""
-    from captioning.store import mixed_store
+    from captioning.features.store import mixed_store
     rng = np.random.default_rng(0)
     plain = make_cache(tmp_path / "plain", rng.normal(size=(6, 4, 3)).astype(np.float16))
     mirror = make_cache(tmp_path / "mirror", rng.normal(size=(6, 4, 3)).astype(np.float16))

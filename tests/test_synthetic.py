@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.datasets import load_dataset
-from captioning.synthetic import (COLOURS, POSITIONS, SHAPES, describe, make_shapes_dataset, shapes_truth,
+from captioning.data.datasets import load_dataset
+from captioning.data.synthetic import (COLOURS, POSITIONS, SHAPES, describe, make_shapes_dataset, shapes_truth,
                                   truth_for_image)
-from captioning.vocab import tokenize
+from captioning.data.vocab import tokenize
 
 
 @pytest.fixture(scope="module")

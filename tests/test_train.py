@@ -4,18 +4,18 @@ import shutil
 import pytest
 import torch
 
-from captioning.captioner import Captioner
-from captioning.datasets import load_dataset
-from captioning.demo import caption_is_right
-from captioning.search import SearchConfig
-from captioning.synthetic import shapes_truth, truth_for_image
+from captioning.inference.captioner import Captioner
+from captioning.data.datasets import load_dataset
+from captioning.interfaces.demo import caption_is_right
+from captioning.search.torch_search import SearchConfig
+from captioning.data.synthetic import shapes_truth, truth_for_image
 from tests.conftest import run_training
 
 
 def held_out_captions(best, data):
     captioner = Captioner.load(best, device="cpu")
     test = load_dataset(data).split("test")
-    from captioning.encoders import load_image
+    from captioning.features.encoders import load_image
     # Photo only: a mirrored shape is on the other side, and the captions say which side.
     results = captioner.caption_pil([load_image(r.image) for r in test], SearchConfig(beam_size=3, mirror=False))
     truth = shapes_truth(data)
@@ -67,9 +67,9 @@ def test_resume_continues_to_the_same_result(lstm_model, shapes_data, tmp_path):
     split = copy_cache(lstm_model[0], tmp_path / "split")
     run_training(split, shapes_data, "lstm", epochs=2, hidden_dim=64, embed_dim=32)
 
-    from captioning.demo import demo_configs
-    from captioning.features import ExtractConfig
-    from captioning.train import train
+    from captioning.interfaces.demo import demo_configs
+    from captioning.features.extract import ExtractConfig
+    from captioning.training.train import train
     spec, cfg = demo_configs(epochs=3)
     train(shapes_data, split, cfg, spec, ExtractConfig(device="cpu"), resume=True)
 
@@ -86,10 +86,10 @@ def test_resume_continues_to_the_same_result(lstm_model, shapes_data, tmp_path):
 def test_flip_and_cosine_training_resumes_to_the_same_result(lstm_model, shapes_data, tmp_path, monkeypatch):
     """--flip (each epoch's own draw of mirror images) and --lr-schedule cosine resume exactly after a
     Ctrl-C, and the mirror features really are trained on (the losses differ from a run without them)."""
-    import captioning.train as train_mod
-    from captioning.demo import demo_configs
-    from captioning.features import ExtractConfig
-    from captioning.train import train
+    import captioning.training.train as train_mod
+    from captioning.interfaces.demo import demo_configs
+    from captioning.features.extract import ExtractConfig
+    from captioning.training.train import train
 
     def run(name, flip=True, resume=False):
         work = tmp_path / name
@@ -120,13 +120,13 @@ def test_flip_and_cosine_training_resumes_to_the_same_result(lstm_model, shapes_
 
 
 def cfg_lr():
-    from captioning.demo import demo_configs
+    from captioning.interfaces.demo import demo_configs
     return demo_configs()[1].lr
 
 
 def test_cosine_schedule_falls_from_the_full_rate_towards_zero():
     from captioning.config import TrainConfig
-    from captioning.train import make_scheduler
+    from captioning.training.train import make_scheduler
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched, lrs = make_scheduler(opt, TrainConfig(epochs=4, lr_schedule="cosine")), []
     for _ in range(4):
@@ -137,7 +137,7 @@ def test_cosine_schedule_falls_from_the_full_rate_towards_zero():
 
 
 def test_ctrl_c_keeps_the_finished_epochs(lstm_model, shapes_data, tmp_path, monkeypatch):
-    import captioning.train as train_mod
+    import captioning.training.train as train_mod
     workdir = copy_cache(lstm_model[0], tmp_path / "w")
     real_epoch, calls = train_mod.train_epoch, []
 
@@ -154,9 +154,9 @@ def test_ctrl_c_keeps_the_finished_epochs(lstm_model, shapes_data, tmp_path, mon
 
 
 def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, shapes_data):
-    from captioning.demo import demo_configs
-    from captioning.features import ExtractConfig
-    from captioning.train import train
+    from captioning.interfaces.demo import demo_configs
+    from captioning.features.extract import ExtractConfig
+    from captioning.training.train import train
     from captioning.utils import CaptioningError
     spec, cfg = demo_configs(epochs=1)
     with pytest.raises(CaptioningError, match="Nothing to resume"):
@@ -166,8 +166,8 @@ def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, shapes_data):
 def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
     """train.py's optimizer (fused AdamW where torch has it) takes the plain AdamW's steps, and the state of
     either resumes the other, so checkpoints from before it still continue."""
-    from captioning.models import ModelConfig, build_decoder
-    from captioning.train import TrainConfig, make_optimizer
+    from captioning.models.decoders import ModelConfig, build_decoder
+    from captioning.training.train import TrainConfig, make_optimizer
     cfg = TrainConfig()
     torch.manual_seed(0)
     a = build_decoder(ModelConfig(decoder="attention", vocab_size=50, feat_dim=16, embed_dim=8, hidden_dim=16,
@@ -202,7 +202,7 @@ def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
 def test_optimizer_is_plain_adamw_where_torch_has_no_fused_kernel(monkeypatch):
     """On a torch or device without the fused kernel (AdamW(fused=True) raises), training still gets an AdamW
     over all the parameters, with the configured learning rate."""
-    from captioning.train import TrainConfig, make_optimizer
+    from captioning.training.train import TrainConfig, make_optimizer
     real = torch.optim.AdamW
 
     def without_fused(params, fused=None, **kwargs):
@@ -227,8 +227,8 @@ def test_a_run_saved_before_the_schedule_and_flip_options_resumes_as_it_started(
     """last.pt files written before --lr-schedule and --flip existed hold a plateau scheduler's state and
     were trained without mirror images: --resume goes on that way, whatever today's defaults are."""
     from captioning.config import TrainConfig
-    from captioning.encoders import EncoderSpec
-    from captioning.train import starting_point
+    from captioning.features.encoders import EncoderSpec
+    from captioning.training.train import starting_point
     ckpt = torch.load(lstm_model[0] / "models" / "last.pt", weights_only=True)
     for key in ("lr_schedule", "flip"):
         ckpt["train_config"].pop(key)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioning.checkpoint import load_checkpoint
+from captioning.training.checkpoint import load_checkpoint
 from tests.conftest import ENTRY, EPOCHS, Proc, copy_cache, no_temp_files, the_error, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
@@ -68,7 +68,7 @@ def test_a_kill_between_saving_last_and_best_keeps_the_best_model(tiny, referenc
                                                                   run_main):
     """Killed right after an epoch's last.pt but before its best.pt: once resumed, best.pt must still be
     the epoch that the history calls best (else the best model is silently an older one)."""
-    import captioning.train as train_module
+    import captioning.training.train as train_module
     work = copy_cache(reference_run.work, tmp_path / "w")
     real_save, killed_at = train_module.save_checkpoint, []
 
@@ -128,7 +128,7 @@ def cuda_oom(*args, **kwargs):
 
 
 def test_gpu_out_of_memory_suggests_a_smaller_batch(tiny, reference_run, tmp_path, monkeypatch, run_main):
-    import captioning.train as train_module
+    import captioning.training.train as train_module
     work = copy_cache(reference_run.work, tmp_path / "w")
     monkeypatch.setattr(train_module, "train_epoch", cuda_oom)
     code, out, err = run_main(*train_argv(tiny, work, 1))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captioning.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, tokenize
+from captioning.data.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, tokenize
 
 words = st.text(alphabet=st.characters(categories=("Ll", "Nd")), min_size=1, max_size=8)
 
