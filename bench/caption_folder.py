@@ -45,7 +45,7 @@ def folder_of(photos, root):
 def search_alone(captioner, photos, cfg):
     """Images/s of batched beam search on ready features of `photos`."""
     import torch
-    from captioning.inference.captioner import SEARCH_BATCH
+    from captioning.search.numpy_search import SEARCH_BATCH
     from captioning.features.extract import Preprocess
     trunk, transform = captioner.encoder()
     prep = Preprocess(transform)
@@ -73,12 +73,12 @@ def today(captioner, folder, cfg, out):
     old_render = module_at(BEFORE, "captioning/render.py")
     if old is None or old_render is None:
         return None
-    saved = sys.modules["captioning.results.render"]
-    sys.modules["captioning.results.render"] = old_render   # the old module imports `.render` when it runs
+    saved = sys.modules["captioning._flat_render"]
+    sys.modules["captioning._flat_render"] = old_render   # the old module imports `.render` when it runs
     try:
         return timed(lambda: old.caption_files(captioner, [folder], cfg, output=out), len(list(folder.iterdir())))
     finally:
-        sys.modules["captioning.results.render"] = saved
+        sys.modules["captioning._flat_render"] = saved
 
 
 @contextlib.contextmanager
@@ -115,7 +115,7 @@ def folder_runs(captioner, folder, cfg, tmp):
     from captioning.results import outputs
     from captioning.inference.captioner import caption_files
     from captioning.results.outputs import OutputConfig
-    from captioning.search.torch_search import SearchConfig
+    from captioning.config import SearchConfig
     workers = outputs.PNG_WORKERS
     other = 2 if workers == 1 else 1     # the other choice, for comparison
     none = contextlib.nullcontext()
@@ -141,9 +141,10 @@ def folder_runs(captioner, folder, cfg, tmp):
 def main():
     from bench.extract_speed import limit
     from captioning.results import render  # noqa: F401 (today() swaps it for the old one)
-    from captioning.inference.captioner import SEARCH_BATCH, Captioner
+    from captioning.search.numpy_search import SEARCH_BATCH
+    from captioning.inference.captioner import Captioner
     from captioning.features.extract import Preprocess
-    from captioning.search.torch_search import SearchConfig
+    from captioning.config import SearchConfig
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=500)
     args = ap.parse_args()

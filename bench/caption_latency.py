@@ -136,7 +136,7 @@ def warm(model, n, fold=True):
     encoder's BatchNorm left unfolded, as captioner.py ran it before it folded it as features.py does."""
     from captioning.inference import captioner as module
     from captioning.results.outputs import OutputConfig
-    from captioning.search.torch_search import SearchConfig
+    from captioning.config import SearchConfig
     real = module.fold_batchnorm
     if not fold:
         module.fold_batchnorm = lambda trunk: trunk

@@ -43,9 +43,11 @@ ASSUMED = {                # stated assumptions, see the README's "Scaling out"
 def worker(args):
     from bench.train_speed import setup
     from captioning import distributed
-    from captioning.models.decoders import ModelConfig, build_decoder
+    from captioning.config import ModelConfig
+    from captioning.models.decoders import build_decoder
     from captioning.features.store import feature_stats
-    from captioning.training.train import TrainConfig, train_epoch
+    from captioning.config import TrainConfig
+    from captioning.training.train import train_epoch
 
     torch.set_num_threads(args.threads)
     with distributed.session("cpu", 600):
@@ -110,8 +112,11 @@ def launch(procs, threads, args):
 def cpu_step_seconds(decoder_name, batch, mean_tokens, steps=6, threads=2):
     """Measured here: one training step (forward, backward, clipping, AdamW) of the COCO-sized decoder on a
     batch of `batch` captions of Flickr8k's mean length, fastest of `steps`. Returns (seconds, grad bytes)."""
-    from captioning.models.decoders import ModelConfig, build_decoder
-    from captioning.training.train import TrainConfig, decoder_loss, optimizer_step
+    from captioning.config import ModelConfig
+    from captioning.models.decoders import build_decoder
+    from captioning.config import TrainConfig
+    from captioning.training.objectives import decoder_loss
+    from captioning.training.train import optimizer_step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(decoder=decoder_name, vocab_size=COCO_VOCAB, feat_dim=COCO_CHANNELS))

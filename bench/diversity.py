@@ -15,7 +15,8 @@ import torch
 from captioning.inference.captioner import Captioner
 from captioning.data.datasets import load_dataset
 from captioning.metrics.scores import ptb_tokenize, score_captions
-from captioning.search.torch_search import SearchConfig, word_distance
+from captioning.config import SearchConfig
+from captioning.search.numpy_search import word_distance
 from captioning.features.store import load_features, open_store
 
 

@@ -30,8 +30,9 @@ import torch
 from captioning.features import extract as features
 
 from captioning.features import tuning
-from captioning.features.encoders import EncoderSpec, build_encoder, load_image
-from captioning.features.extract import ExtractConfig
+from captioning.features.encoders import EncoderSpec, build_encoder
+from captioning.features.images import load_image
+from captioning.config import ExtractConfig
 from captioning.features.tuning import choose_settings, fold_batchnorm, measure_throughput
 from captioning.utils import atomic_write_json
 

@@ -36,8 +36,8 @@ def child_extract(n, before):
 def child_train(batches):
     import captioning.training.train as T
     from captioning.features.encoders import EncoderSpec
-    from captioning.features.extract import ExtractConfig
-    from captioning.models.decoders import ModelConfig
+    from captioning.config import ExtractConfig
+    from captioning.config import ModelConfig
     if batches:
         make = T.make_batches
         T.make_batches = lambda *a: make(*a)[:batches]

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from captioning.features.encoders import load_image
+from captioning.features.images import load_image
 from captioning.search.torch_search import beam_search
 from captioning.training.train import optimizer_step
 from captioning.data.vocab import PAD

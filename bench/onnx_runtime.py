@@ -47,7 +47,7 @@ def caption_both(folder, photos):
     from captioning.deploy import onnx_runtime as rt
     from captioning.inference.captioner import Captioner, caption_files
     from captioning.results.outputs import OutputConfig
-    from captioning.search.torch_search import SearchConfig
+    from captioning.config import SearchConfig
     def torch_files(*a, **kw):
         return caption_files(*a, **kw, workdir=WORK)   # its calibration file goes to bench/.work
     runtimes = {"torch": (Captioner.load("default", device="cpu"), torch_files),

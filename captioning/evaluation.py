@@ -13,9 +13,10 @@ import torch
 from captioning.inference.captioner import Captioner
 from captioning.training.checkpoint import models_dir, report_path
 from captioning.metrics.scores import print_metrics_table, score_captions, write_report
-from captioning.features.extract import ExtractConfig, extract_features
+from captioning.config import ExtractConfig
+from captioning.features.extract import extract_features
 from captioning.features.prepare import prepare
-from captioning.search.torch_search import SearchConfig
+from captioning.config import SearchConfig
 from captioning.features.store import load_features
 from captioning.utils import CaptioningError, add_task, advance_task, console, make_progress
 

@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(items):
 
 def run_training(workdir, data, decoder, epochs, **model_kw):
     from captioning.interfaces.demo import demo_configs
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     from captioning.training.train import train
     spec, cfg = demo_configs(epochs=epochs, seed=0)
     cfg.model.decoder = decoder

@@ -8,7 +8,7 @@ from PIL import Image
 
 from captioning.training import checkpoint as ck
 from captioning.inference.captioner import Captioner
-from captioning.search.torch_search import SearchConfig
+from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
 from captioning.data.vocab import Vocabulary
 

@@ -8,7 +8,8 @@ from captioning.training import checkpoint as ck
 from captioning.inference.captioner import Captioner
 from captioning.search.consensus import build_memory, memory_from_arrays, pool_config
 from captioning.search.numpy_search import Hypothesis
-from captioning.search.torch_search import SearchConfig, beam_search, search
+from captioning.config import SearchConfig
+from captioning.search.torch_search import beam_search, search
 from captioning.utils import CaptioningError
 from captioning.data.vocab import END
 
@@ -84,7 +85,7 @@ def test_pool_config_searches_wider_and_keeps_the_users_other_settings():
 
 
 def _val_features(captioner, workdir, shapes_data, n=12):
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     from captioning.features.prepare import prepare
     from captioning.features.store import load_features
     _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))

@@ -23,8 +23,8 @@ from captioning.interfaces import cli as cli_module
 from captioning.interfaces import menu
 from captioning.inference.captioner import Captioner
 from captioning.training.checkpoint import describe, load_checkpoint, summarize
-from captioning.features.encoders import load_image
-from captioning.search.torch_search import SearchConfig
+from captioning.features.images import load_image
+from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
 from tests.conftest import ROOT
 

@@ -10,7 +10,8 @@ from captioning.deploy.onnx_export import export_onnx
 from captioning.results.outputs import OutputConfig
 from captioning.training.checkpoint import export_model, load_checkpoint
 from captioning.models.decoders import DECODERS, Decoder, build_decoder
-from captioning.search.torch_search import SearchConfig, beam_search, greedy_search
+from captioning.config import SearchConfig
+from captioning.search.torch_search import beam_search, greedy_search
 from tests.conftest import run_training
 from tests.test_train import copy_cache
 

@@ -18,8 +18,10 @@ import torch
 
 from captioning.interfaces import cli as cli_module
 from captioning import distributed
-from captioning.models.decoders import ModelConfig, build_decoder
-from captioning.training.train import TrainConfig, decoder_loss
+from captioning.config import ModelConfig
+from captioning.models.decoders import build_decoder
+from captioning.config import TrainConfig
+from captioning.training.objectives import decoder_loss
 from captioning.utils import CaptioningError
 from tests.conftest import ROOT
 

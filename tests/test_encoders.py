@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from captioning.features.encoders import EncoderSpec, build_encoder, concrete_spec, load_image, resolve_weights
+from captioning.features.encoders import EncoderSpec, build_encoder, concrete_spec, resolve_weights
+from captioning.features.images import load_image
 from captioning.utils import CaptioningError
 from tests.conftest import TORCH_HOME
 

@@ -7,9 +7,9 @@ from captioning.inference.captioner import Captioner
 from captioning.metrics.scores import score_captions
 from captioning.features.extract import extract_features
 from captioning.evaluation import EvalRun, caption_split, evaluate_model
-from captioning.features.extract import ExtractConfig
+from captioning.config import ExtractConfig
 from captioning.features.prepare import prepare
-from captioning.search.torch_search import SearchConfig
+from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
 
 

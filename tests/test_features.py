@@ -9,7 +9,8 @@ from torch import nn
 
 from captioning.features import extract as features
 from captioning.features.encoders import EncoderSpec, build_encoder
-from captioning.features.extract import ExtractConfig, extract_features, pick_device
+from captioning.config import ExtractConfig
+from captioning.features.extract import extract_features, pick_device
 from captioning.features.store import open_store
 from captioning.data.synthetic import make_shapes_dataset
 from captioning.utils import CaptioningError

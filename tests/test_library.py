@@ -146,7 +146,7 @@ def test_pngs_searched_beside_the_encoder_give_the_same_captions(attention_model
     """With PNGs each batch's search runs in a thread beside the encoder: the same captions, every photo once."""
     from captioning.inference.captioner import Captioner, caption_files
     from captioning.results.outputs import OutputConfig
-    from captioning.search.torch_search import SearchConfig
+    from captioning.config import SearchConfig
     _, ckpt = attention_model
     photos = library(shapes_data, tmp_path / "lib", 60, layout=("",))   # searches of 16, 32 and 11 photos
     captioner, cfg = Captioner.load(ckpt, device="cpu"), SearchConfig(beam_size=3)

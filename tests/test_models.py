@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from captioning.models.decoders import AttentionDecoder, ModelConfig, build_decoder, caption_loss
+from captioning.models.decoders import AttentionDecoder, build_decoder, caption_loss
+from captioning.config import ModelConfig
 from captioning.data.vocab import END, PAD, START
 
 
@@ -70,7 +71,8 @@ def test_feature_norm_standardises():
 
 def test_ensemble_of_one_is_the_model_and_of_two_is_the_mean_probability():
     from captioning.models.decoders import Ensemble
-    from captioning.search.torch_search import SearchConfig, beam_search
+    from captioning.config import SearchConfig
+    from captioning.search.torch_search import beam_search
     grid, captions, lengths = make_batch()
     cfg = dict(vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16, attention_dim=8, dropout=0.0)
     torch.manual_seed(0)
@@ -97,7 +99,8 @@ def test_mirror_pair_averages_the_two_readings_and_shows_the_plain_ones_attentio
     """MirrorPair: features [B, P, 2C] = the photo's and its mirror image's; word probabilities are the mean
     of the decoder's on each half; two equal halves give exactly the plain decoder's search."""
     from captioning.models.decoders import MirrorPair
-    from captioning.search.torch_search import SearchConfig, beam_search
+    from captioning.config import SearchConfig
+    from captioning.search.torch_search import beam_search
     grid, _, _ = make_batch()
     mirrored = torch.randn(grid.shape, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from captioning.training import objectives
-from captioning.models.decoders import ModelConfig, build_decoder
+from captioning.config import ModelConfig
+from captioning.models.decoders import build_decoder
 from captioning.training.objectives import OBJECTIVES, SelfCritical, caption_ids, self_critical_advantage
 from captioning.features.prepare import CaptionData
-from captioning.training.train import TrainConfig, train
+from captioning.config import TrainConfig
+from captioning.training.train import train
 from captioning.data.vocab import END, PAD
 
 
@@ -80,7 +82,7 @@ def test_every_objective_is_registered():
 
 def scst(workdir, data, epochs, resume=False):
     from captioning.interfaces.demo import demo_configs
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     spec, cfg = demo_configs(epochs=epochs, seed=0)
     cfg.objective, cfg.batch_size, cfg.scst_samples, cfg.scst_lr, cfg.dev_images = "scst", 40, 4, 1e-4, 20
     return train(data, workdir, cfg, spec, ExtractConfig(device="cpu", num_workers=1), resume=resume)

@@ -19,10 +19,12 @@ from captioning.deploy import onnx_runtime as rt
 from captioning.inference.captioner import Captioner, caption_files
 from captioning.training.checkpoint import BUILTIN, save_checkpoint
 from captioning.features.encoders import EncoderSpec
-from captioning.models.decoders import DECODERS, Decoder, ModelConfig, build_decoder
+from captioning.models.decoders import DECODERS, Decoder, build_decoder
+from captioning.config import ModelConfig
 from captioning.deploy.onnx_export import export_onnx
 from captioning.results.outputs import OutputConfig
-from captioning.search.torch_search import SearchConfig, _banned_trigrams, beam_search
+from captioning.config import SearchConfig
+from captioning.search.torch_search import _banned_trigrams, beam_search
 from captioning.utils import CaptioningError
 from captioning.data.vocab import SPECIALS
 

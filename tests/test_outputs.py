@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from captioning.inference.captioner import Result
+from captioning.results.outputs import Result
 from captioning.results.metadata import ExifTool, exiftool_path, write_xmp_sidecar
 from captioning.results.outputs import FIRST_SEARCH, Pending, Photo, RowFile, find_photos, key
 from captioning.utils import CaptioningError

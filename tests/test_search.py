@@ -4,7 +4,8 @@ import torch
 
 from captioning.inference.captioner import Captioner
 from captioning.training.checkpoint import BUILTIN
-from captioning.search.torch_search import SearchConfig, _banned_trigrams, beam_search, greedy_search, sequence_logprob
+from captioning.config import SearchConfig
+from captioning.search.torch_search import _banned_trigrams, beam_search, greedy_search, sequence_logprob
 from captioning.features.store import load_features
 from captioning.features.prepare import prepare
 from captioning.data.vocab import END, UNK
@@ -20,7 +21,7 @@ def test_trigram_mask():
 def _test_feats(model, shapes_data, n=16):
     workdir, best = model
     captioner = Captioner.load(best, device="cpu")
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))
     rows = torch.tensor([store.row_of()[str(r.image)] for r in records if r.split == "test"][:n])
     return captioner, load_features(store, rows, captioner.decoder.uses_grid, captioner.device)
@@ -106,8 +107,8 @@ def test_constraints_num_captions_and_attention(attention_model, shapes_data):
 def test_captioning_sees_the_features_training_saw(attention_model, shapes_data):
     """A photo captioned from disk gets the features extraction cached for training, to fp16 rounding
     (same transform, same encoder with its BatchNorm folded), so the decoder meets what it trained on."""
-    from captioning.features.encoders import load_image
-    from captioning.features.extract import ExtractConfig
+    from captioning.features.images import load_image
+    from captioning.config import ExtractConfig
     workdir, best = attention_model
     captioner = Captioner.load(best, device="cpu")
     _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))
@@ -118,7 +119,8 @@ def test_captioning_sees_the_features_training_saw(attention_model, shapes_data)
 
 
 def test_diverse_captions_differ_and_the_first_is_plain_beam_search():
-    from captioning.search.torch_search import MIN_DISTANCE, search, word_distance
+    from captioning.search.numpy_search import MIN_DISTANCE, word_distance
+    from captioning.search.torch_search import search
     captioner = Captioner.load(BUILTIN, device="cpu")
     torch.manual_seed(0)
     feats = torch.randn(6, 49, captioner.config.feat_dim) * 2 + 1

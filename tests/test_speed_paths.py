@@ -15,13 +15,18 @@ from torchvision.transforms import functional as TF
 from bench.naive import naive_loss, one_at_a_time_beam, plain_extract
 from captioning.features import extract as features
 from captioning.features import tuning
-from captioning.features.encoders import EncoderSpec, build_encoder, load_image
-from captioning.features.extract import ExtractConfig, Preprocess, extract_features
-from captioning.models.decoders import ModelConfig, build_decoder
-from captioning.search.torch_search import SearchConfig, beam_search
+from captioning.features.encoders import EncoderSpec, build_encoder
+from captioning.features.images import load_image
+from captioning.config import ExtractConfig
+from captioning.features.extract import Preprocess, extract_features
+from captioning.config import ModelConfig
+from captioning.models.decoders import build_decoder
+from captioning.config import SearchConfig
+from captioning.search.torch_search import beam_search
 from captioning.data.synthetic import make_shapes_dataset
 from captioning.features.tuning import calibrate, fold_batchnorm
-from captioning.training.train import TrainConfig, decoder_loss, image_batches, length_buckets
+from captioning.config import TrainConfig
+from captioning.training.objectives import decoder_loss, image_batches, length_buckets
 from captioning.data.vocab import END, PAD, START
 
 SPEC = EncoderSpec("resnet18", weights=None)

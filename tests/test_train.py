@@ -7,7 +7,7 @@ import torch
 from captioning.inference.captioner import Captioner
 from captioning.data.datasets import load_dataset
 from captioning.interfaces.demo import caption_is_right
-from captioning.search.torch_search import SearchConfig
+from captioning.config import SearchConfig
 from captioning.data.synthetic import shapes_truth, truth_for_image
 from tests.conftest import run_training
 
@@ -15,7 +15,7 @@ from tests.conftest import run_training
 def held_out_captions(best, data):
     captioner = Captioner.load(best, device="cpu")
     test = load_dataset(data).split("test")
-    from captioning.features.encoders import load_image
+    from captioning.features.images import load_image
     # Photo only: a mirrored shape is on the other side, and the captions say which side.
     results = captioner.caption_pil([load_image(r.image) for r in test], SearchConfig(beam_size=3, mirror=False))
     truth = shapes_truth(data)
@@ -68,7 +68,7 @@ def test_resume_continues_to_the_same_result(lstm_model, shapes_data, tmp_path):
     run_training(split, shapes_data, "lstm", epochs=2, hidden_dim=64, embed_dim=32)
 
     from captioning.interfaces.demo import demo_configs
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     from captioning.training.train import train
     spec, cfg = demo_configs(epochs=3)
     train(shapes_data, split, cfg, spec, ExtractConfig(device="cpu"), resume=True)
@@ -88,7 +88,7 @@ def test_flip_and_cosine_training_resumes_to_the_same_result(lstm_model, shapes_
     Ctrl-C, and the mirror features really are trained on (the losses differ from a run without them)."""
     import captioning.training.train as train_mod
     from captioning.interfaces.demo import demo_configs
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     from captioning.training.train import train
 
     def run(name, flip=True, resume=False):
@@ -155,7 +155,7 @@ def test_ctrl_c_keeps_the_finished_epochs(lstm_model, shapes_data, tmp_path, mon
 
 def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, shapes_data):
     from captioning.interfaces.demo import demo_configs
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     from captioning.training.train import train
     from captioning.utils import CaptioningError
     spec, cfg = demo_configs(epochs=1)
@@ -166,8 +166,10 @@ def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, shapes_data):
 def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
     """train.py's optimizer (fused AdamW where torch has it) takes the plain AdamW's steps, and the state of
     either resumes the other, so checkpoints from before it still continue."""
-    from captioning.models.decoders import ModelConfig, build_decoder
-    from captioning.training.train import TrainConfig, make_optimizer
+    from captioning.config import ModelConfig
+    from captioning.models.decoders import build_decoder
+    from captioning.config import TrainConfig
+    from captioning.training.train import make_optimizer
     cfg = TrainConfig()
     torch.manual_seed(0)
     a = build_decoder(ModelConfig(decoder="attention", vocab_size=50, feat_dim=16, embed_dim=8, hidden_dim=16,
@@ -202,7 +204,8 @@ def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
 def test_optimizer_is_plain_adamw_where_torch_has_no_fused_kernel(monkeypatch):
     """On a torch or device without the fused kernel (AdamW(fused=True) raises), training still gets an AdamW
     over all the parameters, with the configured learning rate."""
-    from captioning.training.train import TrainConfig, make_optimizer
+    from captioning.config import TrainConfig
+    from captioning.training.train import make_optimizer
     real = torch.optim.AdamW
 
     def without_fused(params, fused=None, **kwargs):

@@ -12,7 +12,6 @@ import torch
 import torchvision
 from torch import nn
 
-from captioning.features.images import draft_size_for, load_image, to_rgb  # noqa: F401 (torch-free, shared with the ONNX runtime)
 from captioning.utils import CaptioningError
 
 SUGGESTED = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2",

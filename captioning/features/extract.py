@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 from captioning import distributed
-from captioning.config import ExtractConfig  # noqa: F401 (declared with every other setting)
-from captioning.features.encoders import EncoderSpec, build_encoder, concrete_spec, draft_size_for, load_image
+from captioning.config import ExtractConfig
+from captioning.features.encoders import EncoderSpec, build_encoder, concrete_spec
+from captioning.features.images import draft_size_for, load_image
 from captioning.features.store import CACHE_VERSION, RowWriter, cache_dir_for, open_store
 from captioning.features.tuning import SHARE_EVERY_S, CpuShare, Settings, _autocast, _set_format, choose_settings, fold_batchnorm
 from captioning.utils import CaptioningError, atomic_write_json, add_task, advance_task, console, make_progress

@@ -8,12 +8,15 @@ import os
 import torch
 
 from captioning.training.checkpoint import BUILTIN, checkpoint_memory, describe, find_model, load_checkpoint, summarize
-from captioning.features.encoders import EncoderSpec, build_encoder, load_image
+from captioning.features.encoders import EncoderSpec, build_encoder
+from captioning.features.images import load_image
 from captioning.features.extract import pick_device
-from captioning.models.decoders import Ensemble, MirrorPair, ModelConfig, build_decoder
-from captioning.results.outputs import PNG_WORKERS, OutputConfig, Pending, Result, caption_photos, make_results  # noqa: F401
-from captioning.search.numpy_search import SEARCH_BATCH  # noqa: F401 (one batch size for both runtimes)
-from captioning.search.torch_search import SearchConfig, search
+from captioning.models.decoders import Ensemble, MirrorPair, build_decoder
+from captioning.config import ModelConfig
+from captioning.results.outputs import PNG_WORKERS, OutputConfig, Pending, caption_photos, make_results
+from captioning.search.numpy_search import SEARCH_BATCH
+from captioning.config import SearchConfig
+from captioning.search.torch_search import search
 from captioning.features.tuning import fold_batchnorm
 from captioning.utils import CaptioningError, add_task, advance_task, console, make_progress
 from captioning.data.vocab import Vocabulary
@@ -140,7 +143,8 @@ def caption_files(captioner, inputs, cfg: SearchConfig, outputs=None, paths=None
 def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workdir):
     """Decode and encode as feature extraction does (its calibrated batch size and memory format, decoding
     threads where cores are free), search in large batches, hand each result to `sink` without waiting."""
-    from captioning.features.extract import ExtractConfig, Preprocess
+    from captioning.config import ExtractConfig
+    from captioning.features.extract import Preprocess
     from captioning.features.tuning import _set_format, choose_settings
     if not photos:
         return [], []

@@ -262,7 +262,7 @@ def data_memory(data_dir, workdir, source, device):
     from captioning.training.checkpoint import load_checkpoint, memory_tensors
     from captioning.search.consensus import training_memory
     from captioning.features.encoders import EncoderSpec
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     from captioning.features.prepare import prepare
     from captioning.data.vocab import Vocabulary
     ckpt = load_checkpoint(source)

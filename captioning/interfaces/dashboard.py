@@ -55,7 +55,7 @@ class Photo:
     small: object = None   # RGB PIL image at most DISPLAY_SIDE pixels wide and high
 
     def full(self):
-        from captioning.features.encoders import load_image
+        from captioning.features.images import load_image
         return load_upload(self.name, self.source) if isinstance(self.source, bytes) else load_image(self.source)
 
 
@@ -81,7 +81,7 @@ def md(text):
 def load_upload(name, data):
     """An uploaded file's bytes → RGB PIL image through the CLI's own loader and checks, so that an upload
     that is not an image, is truncated or is too large gets the CLI's sentence, naming the upload."""
-    from captioning.features.encoders import load_image
+    from captioning.features.images import load_image
     safe = Path(str(name)).name[-120:] or "upload"   # a name never chooses a folder; long names are cut
     with tempfile.TemporaryDirectory(prefix="captioning-upload-") as tmp:
         path = Path(tmp) / safe
@@ -328,7 +328,7 @@ def show_photo(index, photo, result, model_key, attention, segmenter):
 
 
 def caption_page(captioner, model_key, settings, args):
-    from captioning.search.torch_search import SearchConfig
+    from captioning.config import SearchConfig
     _, beam, count, attention, segmentation = settings
     uploads = st.file_uploader("Photos", accept_multiple_files=True,
                                help="JPEG, PNG, GIF, WebP, BMP or TIFF; several at once are fine")

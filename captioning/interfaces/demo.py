@@ -14,8 +14,8 @@ from captioning.utils import console
 def demo_configs(epochs=8, seed=0):
     """The demo's encoder and training settings: small and quick, but the real pipeline."""
     from captioning.features.encoders import EncoderSpec
-    from captioning.models.decoders import ModelConfig
-    from captioning.training.train import TrainConfig
+    from captioning.config import ModelConfig
+    from captioning.config import TrainConfig
     spec = EncoderSpec(name="resnet18", weights=None, seed=seed)
     model = ModelConfig(decoder="attention", embed_dim=128, hidden_dim=256, attention_dim=128, context_dim=128,
                         dropout=0.2)
@@ -38,9 +38,9 @@ def run_demo(workdir=".", n_images=600, epochs=8, device="auto", seed=0, show=8)
     """Returns (accuracy on held-out test images, list of (image, caption, truth))."""
     from captioning.inference.captioner import Captioner, caption_files
     from captioning.data.datasets import load_dataset
-    from captioning.features.extract import ExtractConfig
+    from captioning.config import ExtractConfig
     from captioning.results.outputs import OutputConfig
-    from captioning.search.torch_search import SearchConfig
+    from captioning.config import SearchConfig
     from captioning.data.synthetic import describe, make_shapes_dataset, shapes_truth, truth_for_image
     from captioning.training.train import train
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from captioning.config import ModelConfig  # noqa: F401 (declared with every other setting)
+from captioning.config import ModelConfig
 from captioning.utils import registry
 from captioning.data.vocab import START
 

@@ -12,8 +12,7 @@ import torch
 from captioning.config import SearchConfig
 from captioning.search.consensus import candidates
 # The pure-Python parts are shared with the numpy search of the ONNX runtime, so both decide alike.
-from captioning.search.numpy_search import (DIVERSE_SAMPLES, MIN_DISTANCE, Hypothesis, best_distinct, done, fill_nbest,  # noqa: F401
-                       pick_diverse, word_distance)
+from captioning.search.numpy_search import DIVERSE_SAMPLES, Hypothesis, best_distinct, done, fill_nbest, pick_diverse
 from captioning.data.vocab import END, PAD, START, UNK
 
 

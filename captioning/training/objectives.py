@@ -18,7 +18,8 @@ from torch import nn
 from captioning import distributed
 from captioning.models.decoders import caption_loss
 from captioning.metrics.cider import CiderD
-from captioning.search.torch_search import SearchConfig, beam_search, sample
+from captioning.config import SearchConfig
+from captioning.search.torch_search import beam_search, sample
 from captioning.features.store import load_unique
 from captioning.utils import registry
 from captioning.data.vocab import END, PAD

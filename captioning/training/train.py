@@ -32,9 +32,8 @@ from captioning.features.encoders import EncoderSpec, concrete_spec
 from captioning.metrics.scores import score_captions
 from captioning.features.extract import extract_features, pick_device
 from captioning.models.decoders import build_decoder, caption_loss
-from captioning.training.objectives import (build_objective, decoder_loss, image_batches, length_buckets,  # noqa: F401 (re-exported)
-                         make_batches)
-from captioning.features.prepare import CaptionData, encode_split, prepare  # noqa: F401 (re-exported)
+from captioning.training.objectives import build_objective, image_batches
+from captioning.features.prepare import CaptionData, encode_split, prepare
 from captioning.search.torch_search import beam_search
 from captioning.features.store import feature_stats, load_features, load_unique, mixed_store
 from captioning.utils import CaptioningError, add_task, advance_task, console, make_progress, temp_path_for
