@@ -11,8 +11,7 @@ from captioning.inference.captioner import Captioner
 from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
 from captioning.data.vocab import Vocabulary
-
-from .conftest import ROOT, TORCH_HOME, cli
+from tests.helpers import ROOT, TORCH_HOME, cli
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 

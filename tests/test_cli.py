@@ -17,7 +17,7 @@ from PIL import Image
 from captioning.training import checkpoint
 from captioning.interfaces import cli as cli_module
 from captioning.utils import CaptioningError
-from tests.conftest import ROOT, cli, error_line
+from tests.helpers import ROOT, cli, error_line
 
 TORCH_IMPORTED = re.compile(r"\|\s+torch(\.|$)", re.MULTILINE)  # a `-X importtime` line for torch or a submodule
 

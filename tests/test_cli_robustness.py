@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import error_line, no_temp_files, train_argv
+from tests.helpers import error_line, no_temp_files, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 

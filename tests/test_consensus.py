@@ -12,8 +12,7 @@ from captioning.config import SearchConfig
 from captioning.search.torch_search import beam_search, search
 from captioning.utils import CaptioningError
 from captioning.data.vocab import END
-
-from .conftest import cli
+from tests.helpers import cli
 
 DOG, MAN = [5, 6, 7, 8], [9, 10, 11, 12]     # "a dog runs on grass" / "a man rides a bike", as word ids
 

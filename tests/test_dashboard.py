@@ -26,7 +26,7 @@ from captioning.training.checkpoint import describe, load_checkpoint, summarize
 from captioning.features.images import load_image
 from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 APP = str(ROOT / "captioning" / "dashboard.py")
 

@@ -7,46 +7,9 @@ from PIL import Image
 
 from captioning.data.datasets import load_dataset
 from captioning.utils import CaptioningError
+from tests.helpers import coco_name, jpeg, make_flickr, make_mini_coco, write_json
 
 FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
-
-
-def jpeg(path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(path, format="JPEG")
-    return path
-
-
-def write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj), encoding="utf-8")
-
-
-def coco_name(i):
-    return f"COCO_train2014_{i:012d}.jpg"
-
-
-def make_mini_coco(root, ids=(9, 25, 30, 34, 36), per_image=2):
-    caps = [{"image_id": i, "caption": f"A picture number {i} variant {k} "} for i in ids for k in range(per_image)]
-    write_json(root / "captions.json", caps)
-    for i in ids:
-        jpeg(root / "Images" / coco_name(i))
-    return root
-
-
-def make_flickr(root, names, splits=None):
-    (root / "Images").mkdir(parents=True, exist_ok=True)
-    lines = ["image,caption"]
-    for n in names:
-        jpeg(root / "Images" / n)
-        lines += [f'{n},"A dog , a ball and a beach ."', f"{n},A dog runs on the beach ."]
-    (root / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    for split, listed in (splits or {}).items():
-        (root / "splits").mkdir(exist_ok=True)
-        (root / "splits" / f"Flickr_8k.{split}Images.txt").write_text("\n".join(listed) + "\n")
-    return root
 
 
 def by_name(dataset):

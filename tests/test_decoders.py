@@ -12,9 +12,7 @@ from captioning.training.checkpoint import export_model, load_checkpoint
 from captioning.models.decoders import DECODERS, Decoder, build_decoder
 from captioning.config import SearchConfig
 from captioning.search.torch_search import beam_search, greedy_search
-from tests.conftest import run_training
-from tests.test_train import copy_cache
-
+from tests.helpers import copy_cache, run_training
 
 def test_the_cli_offers_exactly_the_registered_decoders():
     from captioning.config import ModelConfig

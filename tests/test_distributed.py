@@ -23,7 +23,7 @@ from captioning.models.decoders import build_decoder
 from captioning.config import TrainConfig
 from captioning.training.objectives import decoder_loss
 from captioning.utils import CaptioningError
-from tests.conftest import ROOT
+from tests.helpers import ROOT, copy_cache
 
 ENCODER = ["--encoder", "mobilenet_v3_small", "--extract-batch-size", "4", "--device", "cpu"]
 MODEL = ["--decoder", "lstm", "--hidden-dim", "64", "--embed-dim", "32", "--dropout", "0", "--min-count", "1",
@@ -88,12 +88,6 @@ def cache_folder(workdir):
     folders = [f for f in (workdir / "cache").glob("mobilenet_v3_small-*") if "-mirror-" not in f.name]
     assert len(folders) == 1, folders
     return folders[0]
-
-
-def copy_cache(src, dst):
-    import shutil
-    shutil.copytree(src / "cache", dst / "cache")
-    return dst
 
 
 # ---- for real, under torchrun -----------------------------------------------------------------------

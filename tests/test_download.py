@@ -13,9 +13,7 @@ import pytest
 from captioning.data.download import HANDLES, download_dataset
 from captioning.data.synthetic import make_shapes_dataset
 from captioning.utils import CaptioningError
-from tests.conftest import error_line
-from tests.test_datasets import make_flickr, make_mini_coco
-
+from tests.helpers import error_line, make_flickr, make_mini_coco
 
 @pytest.fixture
 def kaggle(monkeypatch, tmp_path):

@@ -10,8 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from captioning.features.encoders import EncoderSpec, build_encoder, concrete_spec, resolve_weights
 from captioning.features.images import load_image
 from captioning.utils import CaptioningError
-from tests.conftest import TORCH_HOME
-
+from tests.helpers import TORCH_HOME
 
 @pytest.fixture
 def torch_home(monkeypatch):

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from tests.conftest import N_IMAGES, Proc, no_temp_files
+from tests.helpers import N_IMAGES, no_temp_files, Proc
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 

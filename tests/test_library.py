@@ -14,8 +14,7 @@ import pytest
 
 from captioning.data.datasets import load_dataset
 from captioning.results.metadata import exiftool_path
-from tests.conftest import ROOT, cli, run_training
-
+from tests.helpers import ROOT, cli, run_training
 
 def library(shapes_data, root, n, layout=("a", "b")):
     """n shapes photos spread over subfolders; the first two share the name IMG_0001.jpg."""

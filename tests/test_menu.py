@@ -11,7 +11,7 @@ from rich.console import Console
 from captioning.interfaces import cli as cli_module
 from captioning.interfaces import menu
 from captioning.training.checkpoint import read_summary
-from tests.conftest import cli
+from tests.helpers import cli
 
 OPTION_LABELS = [label for _, label in menu.OPTIONS]
 BAD_CHOICE = "Please type a number from 1 to 8."

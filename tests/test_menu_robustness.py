@@ -12,9 +12,7 @@ from rich.console import Console
 
 from captioning.interfaces import cli as cli_module
 from captioning.interfaces import menu
-from tests.conftest import ENTRY, ENV, Proc
-from tests.test_train_robustness import cuda_oom
-
+from tests.helpers import ENTRY, ENV, cuda_oom, Proc
 
 # ---- the menu: Ctrl-C and end of input -----------------------------------------------------------------
 

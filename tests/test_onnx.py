@@ -27,26 +27,11 @@ from captioning.config import SearchConfig
 from captioning.search.torch_search import _banned_trigrams, beam_search
 from captioning.utils import CaptioningError
 from captioning.data.vocab import SPECIALS
+from tests.helpers import ROOT, TORCH_HOME, WORDS, cli, error_line, small_checkpoint
 
-from .conftest import ROOT, TORCH_HOME, cli, error_line
-
-WORDS = SPECIALS + [f"w{i}" for i in range(40)]
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 # Importing torch or torchvision fails in the runtime's subprocesses: what an install from requirements-onnx.txt is.
 NO_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "
-
-
-def small_checkpoint(path, decoder, seed=0):
-    """A tiny untrained decoder on a random-init ResNet-18 (7x7x512 grid), as a checkpoint file."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(decoder=decoder, vocab_size=len(WORDS), feat_dim=512, embed_dim=16, hidden_dim=24,
-                      attention_dim=16, context_dim=16, dropout=0.0)
-    dec = build_decoder(cfg)
-    with torch.no_grad():
-        dec.out.weight.mul_(8)          # peaked word distributions: no near-ties that float rounding could flip
-    ckpt = {"decoder_state": dec.state_dict(), "vocab": WORDS, "model_config": cfg.to_dict(),
-            "encoder": EncoderSpec("resnet18", None, seed).to_dict(), "grid_hw": [7, 7]}
-    return save_checkpoint(path, ckpt)
 
 
 @pytest.fixture(scope="module")

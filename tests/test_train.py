@@ -9,8 +9,7 @@ from captioning.data.datasets import load_dataset
 from captioning.interfaces.demo import caption_is_right
 from captioning.config import SearchConfig
 from captioning.data.synthetic import shapes_truth, truth_for_image
-from tests.conftest import run_training
-
+from tests.helpers import copy_cache, run_training
 
 def held_out_captions(best, data):
     captioner = Captioner.load(best, device="cpu")
@@ -54,11 +53,6 @@ def test_checkpoint_is_complete_and_plain(attention_model):
     for name in ("best.pt", "last.pt", "best.json", "last.json", "curves.png"):
         assert (workdir / "models" / name).exists(), name
     assert not list((workdir / "models").glob("*.tmp"))
-
-
-def copy_cache(src_workdir, dst):
-    shutil.copytree(src_workdir / "cache", dst / "cache")   # reuse the extracted features: tests stay fast
-    return dst
 
 
 def test_resume_continues_to_the_same_result(lstm_model, shapes_data, tmp_path):

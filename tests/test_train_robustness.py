@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from captioning.training.checkpoint import load_checkpoint
-from tests.conftest import ENTRY, EPOCHS, Proc, copy_cache, no_temp_files, the_error, train_argv
+from tests.helpers import ENTRY, EPOCHS, copy_cache, cuda_oom, no_temp_files, Proc, the_error, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -121,10 +121,6 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny, refere
 
 
 # ---- resources -----------------------------------------------------------------------------------------
-
-def cuda_oom(*args, **kwargs):
-    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total "
-                                      "capacity; 5.12 GiB already allocated)\nSee documentation for Memory Management")
 
 
 def test_gpu_out_of_memory_suggests_a_smaller_batch(tiny, reference_run, tmp_path, monkeypatch, run_main):
