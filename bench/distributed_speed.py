@@ -199,7 +199,7 @@ def main():
           ["processes × threads", "batch/process", "global batch", "s/epoch", "tokens/s", "vs 1×2",
            f"train loss, epoch {args.epochs}", "gloo all-reduce ms"], rows)
     print("# same batches in every run; the losses differ a little only because 2 processes draw other dropout "
-          "masks (with dropout 0 they agree to 1e-7: tests/test_distributed.py)")
+          "masks (with dropout 0 they agree to 1e-7: tests/training/test_distributed.py)")
 
     mean_tokens = r["tokens"] / r["captions"]
     for name in ("lstm", "attention"):

@@ -1,5 +1,5 @@
 """The plain ways to do each stage: what the optimised code is measured against (bench/) and checked
-against (tests/test_speed_paths.py). Written for obviousness, not speed.
+against (tests/features/test_speed_paths.py). Written for obviousness, not speed.
 """
 import numpy as np
 import torch

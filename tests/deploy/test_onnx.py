@@ -1,7 +1,7 @@
-"""ONNX export (captioning/onnx_export.py) and the torch-free runtime (onnx_runtime.py, npsearch.py).
+"""ONNX export (captioning/deploy/onnx_export.py) and the torch-free runtime (onnx_runtime.py, npsearch.py).
 
 Small random models (a random-init ResNet-18 and tiny decoders, made in a second, not trained) keep this
-file fast; the trained shapes models are exported in tests/test_decoders.py, the built-in one here."""
+file fast; the trained shapes models are exported in tests/models/test_decoders.py, the built-in one here."""
 import json
 import os
 import shutil

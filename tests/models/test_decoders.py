@@ -49,7 +49,7 @@ def test_every_decoder_trains_searches_ensembles_and_exports(name, attention_mod
     assert [h[0].tokens for h in beam_search(exported.decoder, feats, SearchConfig(beam_size=3))] == \
         [b[0].tokens for b in beams]
 
-    # Its ONNX export captions the held-out shapes as torch does, without torch (tests/test_onnx.py: the rest).
+    # Its ONNX export captions the held-out shapes as torch does, without torch (tests/deploy/test_onnx.py: the rest).
     folder = export_onnx(Captioner.load(best, device="cpu"), tmp_path / "onnx")
     test = [r.image for r in load_dataset(shapes_data).split("test")][:24]
     cfg = SearchConfig(beam_size=3)

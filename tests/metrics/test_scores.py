@@ -1,4 +1,4 @@
-"""Tests for captioning/evaluate.py: metric values, the no-Java path, quiet stdout, reports.
+"""Tests for captioning/metrics/scores.py: metric values, the no-Java path, quiet stdout, reports.
 
 The Java tests compare against pycocoevalcap called the official way (PTBTokenizer + scorers); METEOR
 needs ~7 s to start, so only two tests start it."""

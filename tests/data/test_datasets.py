@@ -9,7 +9,7 @@ from captioning.data.datasets import load_dataset
 from captioning.utils import CaptioningError
 from tests.helpers import coco_name, jpeg, make_flickr, make_mini_coco, write_json
 
-FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+FLICKR8K = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "flickr8k"
 
 
 def by_name(dataset):

@@ -28,7 +28,7 @@ from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
 from tests.helpers import ROOT
 
-APP = str(ROOT / "captioning" / "dashboard.py")
+APP = str(ROOT / "captioning" / "interfaces" / "dashboard.py")
 
 
 def dashboard():
