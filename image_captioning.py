@@ -3,7 +3,7 @@
     python image_captioning.py            # the menu
     python image_captioning.py --help     # the commands
 """
-from captioning.cli import main
+from captioning.interfaces.cli import main
 from captioning.utils import exit_process
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from bench.common import FLICKR8K, SESSION_BASE, Timer, checkpoint, flickr_cache
 
 import torch
 
-from captioning.captioner import Captioner
-from captioning.checkpoint import load_checkpoint
-from captioning.datasets import load_dataset
-from captioning.models import AttentionDecoder
-from captioning.search import SearchConfig, beam_search
-from captioning.store import load_features, open_store
+from captioning.inference.captioner import Captioner
+from captioning.training.checkpoint import load_checkpoint
+from captioning.data.datasets import load_dataset
+from captioning.models.decoders import AttentionDecoder
+from captioning.config import SearchConfig
+from captioning.search.torch_search import beam_search
+from captioning.features.store import load_features, open_store
 
 
 def before(decoder):

@@ -45,8 +45,8 @@ def folder_of(photos, root):
 def search_alone(captioner, photos, cfg):
     """Images/s of batched beam search on ready features of `photos`."""
     import torch
-    from captioning.captioner import SEARCH_BATCH
-    from captioning.features import Preprocess
+    from captioning.search.numpy_search import SEARCH_BATCH
+    from captioning.features.extract import Preprocess
     trunk, transform = captioner.encoder()
     prep = Preprocess(transform)
     feats = []
@@ -73,12 +73,12 @@ def today(captioner, folder, cfg, out):
     old_render = module_at(BEFORE, "captioning/render.py")
     if old is None or old_render is None:
         return None
-    saved = sys.modules["captioning.render"]
-    sys.modules["captioning.render"] = old_render   # the old module imports `.render` when it runs
+    saved = sys.modules["captioning._flat_render"]
+    sys.modules["captioning._flat_render"] = old_render   # the old module imports `.render` when it runs
     try:
         return timed(lambda: old.caption_files(captioner, [folder], cfg, output=out), len(list(folder.iterdir())))
     finally:
-        sys.modules["captioning.render"] = saved
+        sys.modules["captioning._flat_render"] = saved
 
 
 @contextlib.contextmanager
@@ -95,7 +95,8 @@ def patched(obj, name, value):
 def search_beside(background, threads=None):
     """caption_files with its batched search run beside the encoder (or waited for), torch on `threads`."""
     import torch
-    from captioning import captioner, outputs
+    from captioning.inference import captioner
+    from captioning.results import outputs
 
     class Forced(outputs.Pending):
         def __init__(self, *args, background=None):
@@ -111,10 +112,10 @@ def search_beside(background, threads=None):
 
 def folder_runs(captioner, folder, cfg, tmp):
     """[(label, images/s)] of caption_files on `folder`, each the way a `caption DIR` option runs it."""
-    from captioning import outputs
-    from captioning.captioner import caption_files
-    from captioning.outputs import OutputConfig
-    from captioning.search import SearchConfig
+    from captioning.results import outputs
+    from captioning.inference.captioner import caption_files
+    from captioning.results.outputs import OutputConfig
+    from captioning.config import SearchConfig
     workers = outputs.PNG_WORKERS
     other = 2 if workers == 1 else 1     # the other choice, for comparison
     none = contextlib.nullcontext()
@@ -139,10 +140,11 @@ def folder_runs(captioner, folder, cfg, tmp):
 
 def main():
     from bench.extract_speed import limit
-    from captioning import render  # noqa: F401 (today() swaps it for the old one)
-    from captioning.captioner import SEARCH_BATCH, Captioner
-    from captioning.features import Preprocess
-    from captioning.search import SearchConfig
+    from captioning.results import render  # noqa: F401 (today() swaps it for the old one)
+    from captioning.search.numpy_search import SEARCH_BATCH
+    from captioning.inference.captioner import Captioner
+    from captioning.features.extract import Preprocess
+    from captioning.config import SearchConfig
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=500)
     args = ap.parse_args()

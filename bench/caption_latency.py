@@ -58,19 +58,19 @@ STAGES = """
 import json, sys, time
 t = [("python start", time.perf_counter())]
 def mark(name): t.append((name, time.perf_counter()))
-from captioning.cli import build_parser; mark("import captioning.cli (rich, argparse)")
+from captioning.interfaces.cli import build_parser; mark("import captioning.interfaces.cli (rich, argparse)")
 import torch; mark("import torch")
 import torchvision; mark("import torchvision")
-from captioning.captioner import Captioner, caption_files; mark("import captioning (rest)")
-from captioning.search import SearchConfig
+from captioning.inference.captioner import Captioner, caption_files; mark("import captioning (rest)")
+from captioning.search.torch_search import SearchConfig
 c = Captioner.load(sys.argv[2], device="cpu"); mark("load checkpoint, build decoder")
 c.encoder(); mark("build encoder (weights from TORCH_HOME)")
-from captioning.encoders import load_image
+from captioning.features.encoders import load_image
 img = load_image(sys.argv[1]); mark("load image")
 cfg = SearchConfig()
 feats = c.encode([img], cfg.mirror); mark("encoder forward")
 hyps = c.search(feats, cfg); mark("beam search")
-from captioning.render import save_captioned_image
+from captioning.results.render import save_captioned_image
 save_captioned_image(img, [c.vocab.decode(hyps[0][0].tokens)], sys.argv[3]); mark("render PNG (matplotlib)")
 print(json.dumps([(n, b - a) for (_, a), (n, b) in zip(t, t[1:])]))
 """
@@ -87,7 +87,7 @@ def main():
     model = args.model or checkpoint("att") or checkpoint("lstm")
     if not model:
         raise SystemExit("No checkpoint: pass --model PATH.")
-    from captioning.checkpoint import load_checkpoint
+    from captioning.training.checkpoint import load_checkpoint
     spec = load_checkpoint(model)["encoder"]
     photo = str(flickr_images(1)[0])
 
@@ -99,7 +99,7 @@ def main():
         bare_fast = median_wall([PY, "-c", BARE, spec["name"], str(spec["weights"]), "os._exit"], repeat)
         cold = median_wall([PY, ENTRY, "caption", photo, "--model", str(model), "--output", png], repeat)
         # Before cli.exit_process: the same command ending in sys.exit, so Python tears torch down.
-        cold_teardown = median_wall([PY, "-c", "import sys; from captioning.cli import main; sys.exit(main())",
+        cold_teardown = median_wall([PY, "-c", "import sys; from captioning.interfaces.cli import main; sys.exit(main())",
                                      "caption", photo, "--model", str(model), "--output", png], repeat)
         cold_json = median_wall([PY, ENTRY, "caption", photo, "--model", str(model), "--output", png, "--json"],
                                 repeat)
@@ -134,9 +134,9 @@ def main():
 def warm(model, n, fold=True):
     """ms per image through the API, and through caption_files (PNG included). With `fold=False`, the
     encoder's BatchNorm left unfolded, as captioner.py ran it before it folded it as features.py does."""
-    from captioning import captioner as module
-    from captioning.outputs import OutputConfig
-    from captioning.search import SearchConfig
+    from captioning.inference import captioner as module
+    from captioning.results.outputs import OutputConfig
+    from captioning.config import SearchConfig
     real = module.fold_batchnorm
     if not fold:
         module.fold_batchnorm = lambda trunk: trunk

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,12 +20,47 @@ SESSION_BASE = "7e17665"  # the last landed commit before the latest changes (be
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))   # appended, so PYTHONPATH can point at another checkout to compare
 
+# Where the flat modules of older commits live now, so that module_at's old code finds its `from .name` imports.
+FLAT_MODULES = {
+    "vocab": "data.vocab", "layouts": "data.layouts", "datasets": "data.datasets", "download": "data.download",
+    "synthetic": "data.synthetic", "rewards": "metrics.cider", "evaluate": "metrics.scores",
+    "outputs": "results.outputs", "metadata": "results.metadata", "render": "results.render",
+    "images": "features.images", "encoders": "features.encoders", "store": "features.store",
+    "tuning": "features.tuning", "features": "features.extract", "prepare": "features.prepare",
+    "segment": "features.segment", "models": "models.decoders", "consensus": "search.consensus",
+    "npsearch": "search.numpy_search", "search": "search.torch_search", "checkpoint": "training.checkpoint",
+    "objectives": "training.objectives", "train": "training.train", "onnx_export": "deploy.onnx_export",
+    "onnx_runtime": "deploy.onnx_runtime", "captioner": "inference.captioner", "cli": "interfaces.cli",
+    "menu": "interfaces.menu", "demo": "interfaces.demo",
+}
+
+
+class _FlatModule(types.ModuleType):
+    """An old flat module's name for old code: its names from where they live now (also the names that old
+    modules re-exported from others)."""
+
+    def __init__(self, old):
+        super().__init__(f"captioning._flat_{old}")
+        self._homes = [FLAT_MODULES[old]] + [m for m in FLAT_MODULES.values() if m != FLAT_MODULES[old]] + ["config"]
+
+    def __getattr__(self, attr):
+        import importlib
+        if attr.startswith("__"):   # probes such as inspect's for __file__ must not import anything
+            raise AttributeError(attr)
+        for home in self._homes:
+            module = importlib.import_module(f"captioning.{home}")
+            if attr in vars(module):
+                return vars(module)[attr]
+        raise AttributeError(attr)
+
 
 def module_at(commit, path):
     """A file of this repository as of `commit` (e.g. "captioning/features.py"), loaded as a module of the
     package beside the current one, so "before" figures run the old code in the same process; None
     without git or where the commit is not in this clone."""
+    import importlib
     import importlib.util
+    import re
     try:
         source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout
@@ -33,6 +69,10 @@ def module_at(commit, path):
     name = f"captioning._{commit}_{Path(path).stem}"
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
     module.__package__ = "captioning"
+    for old in set(re.findall(r"from \.(\w+) import", source)) & FLAT_MODULES.keys():
+        # Renamed, as the flat names of features, models and search are packages now.
+        sys.modules.setdefault(f"captioning._flat_{old}", _FlatModule(old))
+        source = source.replace(f"from .{old} import", f"from captioning._flat_{old} import")
     sys.modules[name] = module
     exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
     return module
@@ -55,9 +95,10 @@ def flickr_cache(encoder="mobilenet_v2", mirror=False):
             continue
         if (folder / "progress.json").exists() and '"complete": true' in (folder / "progress.json").read_text():
             return folder
-    from captioning.encoders import EncoderSpec
-    from captioning.features import ExtractConfig, extract_features
-    from captioning.prepare import prepare
+    from captioning.features.encoders import EncoderSpec
+    from captioning.config import ExtractConfig
+    from captioning.features.extract import extract_features
+    from captioning.features.prepare import prepare
     print(f"# extracting {encoder} features of Flickr8k into {WORK} (once)", file=sys.stderr)
     store = prepare(FLICKR8K, WORK, EncoderSpec(encoder), ExtractConfig(device="cpu"))[2]
     if mirror:
@@ -71,7 +112,7 @@ def checkpoint(name):
     path = RUNS / name / "models" / "best.pt"
     if path.exists():
         return path
-    from captioning.checkpoint import BUILTIN
+    from captioning.training.checkpoint import BUILTIN
     return BUILTIN if name == "att" and BUILTIN.exists() else None
 
 

@@ -43,9 +43,11 @@ ASSUMED = {                # stated assumptions, see the README's "Scaling out"
 def worker(args):
     from bench.train_speed import setup
     from captioning import distributed
-    from captioning.models import ModelConfig, build_decoder
-    from captioning.store import feature_stats
-    from captioning.train import TrainConfig, train_epoch
+    from captioning.config import ModelConfig
+    from captioning.models.decoders import build_decoder
+    from captioning.features.store import feature_stats
+    from captioning.config import TrainConfig
+    from captioning.training.train import train_epoch
 
     torch.set_num_threads(args.threads)
     with distributed.session("cpu", 600):
@@ -110,8 +112,11 @@ def launch(procs, threads, args):
 def cpu_step_seconds(decoder_name, batch, mean_tokens, steps=6, threads=2):
     """Measured here: one training step (forward, backward, clipping, AdamW) of the COCO-sized decoder on a
     batch of `batch` captions of Flickr8k's mean length, fastest of `steps`. Returns (seconds, grad bytes)."""
-    from captioning.models import ModelConfig, build_decoder
-    from captioning.train import TrainConfig, decoder_loss, optimizer_step
+    from captioning.config import ModelConfig
+    from captioning.models.decoders import build_decoder
+    from captioning.config import TrainConfig
+    from captioning.training.objectives import decoder_loss
+    from captioning.training.train import optimizer_step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(decoder=decoder_name, vocab_size=COCO_VOCAB, feat_dim=COCO_CHANNELS))
@@ -194,7 +199,7 @@ def main():
           ["processes × threads", "batch/process", "global batch", "s/epoch", "tokens/s", "vs 1×2",
            f"train loss, epoch {args.epochs}", "gloo all-reduce ms"], rows)
     print("# same batches in every run; the losses differ a little only because 2 processes draw other dropout "
-          "masks (with dropout 0 they agree to 1e-7: tests/test_distributed.py)")
+          "masks (with dropout 0 they agree to 1e-7: tests/training/test_distributed.py)")
 
     mean_tokens = r["tokens"] / r["captions"]
     for name in ("lstm", "attention"):

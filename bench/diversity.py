@@ -12,11 +12,12 @@ from bench.common import FLICKR8K, flickr_cache, header, table
 
 import torch
 
-from captioning.captioner import Captioner
-from captioning.datasets import load_dataset
-from captioning.evaluate import ptb_tokenize, score_captions
-from captioning.search import SearchConfig, word_distance
-from captioning.store import load_features, open_store
+from captioning.inference.captioner import Captioner
+from captioning.data.datasets import load_dataset
+from captioning.metrics.scores import ptb_tokenize, score_captions
+from captioning.config import SearchConfig
+from captioning.search.numpy_search import word_distance
+from captioning.features.store import load_features, open_store
 
 
 def mean_distance(groups):

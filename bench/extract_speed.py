@@ -27,10 +27,13 @@ from bench.common import BASELINE, Timer, flickr_images, header, module_at, tabl
 import numpy as np
 import torch
 
-from captioning import features, tuning
-from captioning.encoders import EncoderSpec, build_encoder, load_image
-from captioning.features import ExtractConfig
-from captioning.tuning import choose_settings, fold_batchnorm, measure_throughput
+from captioning.features import extract as features
+
+from captioning.features import tuning
+from captioning.features.encoders import EncoderSpec, build_encoder
+from captioning.features.images import load_image
+from captioning.config import ExtractConfig
+from captioning.features.tuning import choose_settings, fold_batchnorm, measure_throughput
 from captioning.utils import atomic_write_json
 
 from bench.naive import plain_extract

@@ -23,21 +23,21 @@ from bench.common import FLICKR8K, ROOT, flickr_cache, flickr_images, header, ru
 
 
 def child_extract(n, before):
-    from captioning.encoders import EncoderSpec
+    from captioning.features.encoders import EncoderSpec
     if before:
         from bench.extract_speed import baseline_module
         module = baseline_module()
     else:
-        from captioning import features as module
+        from captioning.features import extract as module
     with tempfile.TemporaryDirectory() as work:
         module.extract_features(flickr_images(n), EncoderSpec("mobilenet_v2"), work, module.ExtractConfig(device="cpu"))
 
 
 def child_train(batches):
-    import captioning.train as T
-    from captioning.encoders import EncoderSpec
-    from captioning.features import ExtractConfig
-    from captioning.models import ModelConfig
+    import captioning.training.train as T
+    from captioning.features.encoders import EncoderSpec
+    from captioning.config import ExtractConfig
+    from captioning.config import ModelConfig
     if batches:
         make = T.make_batches
         T.make_batches = lambda *a: make(*a)[:batches]
@@ -52,8 +52,8 @@ def child_stats(before):
     a chunk, their squares in a second float64 temporary of the same size)."""
     import numpy as np
     import torch
-    from captioning.datasets import load_dataset
-    from captioning.store import feature_stats, open_store
+    from captioning.data.datasets import load_dataset
+    from captioning.features.store import feature_stats, open_store
     store = open_store(flickr_cache())
     row_of = store.row_of()
     rows = torch.tensor(sorted(row_of[str(r.image)] for r in load_dataset(FLICKR8K).split("train")

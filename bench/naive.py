@@ -1,14 +1,14 @@
 """The plain ways to do each stage: what the optimised code is measured against (bench/) and checked
-against (tests/test_speed_paths.py). Written for obviousness, not speed.
+against (tests/features/test_speed_paths.py). Written for obviousness, not speed.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from captioning.encoders import load_image
-from captioning.search import beam_search
-from captioning.train import optimizer_step
-from captioning.vocab import PAD
+from captioning.features.images import load_image
+from captioning.search.torch_search import beam_search
+from captioning.training.train import optimizer_step
+from captioning.data.vocab import PAD
 
 
 @torch.inference_mode()

@@ -28,8 +28,8 @@ VENVS = {"torch (requirements.txt)": (WORK / "venv-torch", "requirements.txt"),
 
 
 def export(folder):
-    from captioning.captioner import Captioner
-    from captioning.onnx_export import export_onnx
+    from captioning.inference.captioner import Captioner
+    from captioning.deploy.onnx_export import export_onnx
     with Timer() as t:
         export_onnx(Captioner.load("default", device="cpu"), folder)
     print(f"# exported the built-in model to {folder} in {t.seconds:.1f} s")
@@ -37,17 +37,17 @@ def export(folder):
 
 
 def test_photos(n):
-    from captioning.datasets import load_dataset
+    from captioning.data.datasets import load_dataset
     records = load_dataset(FLICKR8K).split("test")[:n]
     return [r.image for r in records], {str(r.image): r.captions for r in records}
 
 
 def caption_both(folder, photos):
     """{runtime: (captions by photo, seconds)} for the same photos, same search settings."""
-    from captioning import onnx_runtime as rt
-    from captioning.captioner import Captioner, caption_files
-    from captioning.outputs import OutputConfig
-    from captioning.search import SearchConfig
+    from captioning.deploy import onnx_runtime as rt
+    from captioning.inference.captioner import Captioner, caption_files
+    from captioning.results.outputs import OutputConfig
+    from captioning.config import SearchConfig
     def torch_files(*a, **kw):
         return caption_files(*a, **kw, workdir=WORK)   # its calibration file goes to bench/.work
     runtimes = {"torch": (Captioner.load("default", device="cpu"), torch_files),
@@ -63,7 +63,7 @@ def caption_both(folder, photos):
 
 
 def quality(folder, n):
-    from captioning.evaluate import score_captions
+    from captioning.metrics.scores import score_captions
     photos, refs = test_photos(n)
     both = caption_both(folder, photos)
     torch_caps, onnx_caps = both["torch"][0], both["ONNX"][0]

@@ -9,9 +9,9 @@ import time
 
 from bench.common import FLICKR8K, header, table
 
-from captioning.datasets import load_dataset
-from captioning.rewards import CiderD
-from captioning.vocab import tokenize
+from captioning.data.datasets import load_dataset
+from captioning.metrics.cider import CiderD
+from captioning.data.vocab import tokenize
 
 
 def main(batch=80, repeats=10):

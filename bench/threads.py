@@ -28,8 +28,10 @@ WORK = {"attention": 30, "lstm": 60, "encoder": 40}
 
 def child(kind, steps):
     import torch
-    from captioning.models import ModelConfig, build_decoder
-    from captioning.train import TrainConfig, decoder_loss
+    from captioning.config import ModelConfig
+    from captioning.models.decoders import build_decoder
+    from captioning.config import TrainConfig
+    from captioning.training.objectives import decoder_loss
     torch.manual_seed(0)
     if kind == "encoder":
         import torchvision

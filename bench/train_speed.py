@@ -25,12 +25,15 @@ from bench.common import FLICKR8K, Timer, flickr_cache, header, module_at, table
 
 import torch
 
-from captioning.datasets import load_dataset
-from captioning.models import ModelConfig, build_decoder
-from captioning.store import feature_stats, load_unique, open_store
-from captioning.train import (TrainConfig, decoder_loss, encode_split, image_batches, length_buckets, make_optimizer,
-                              optimizer_step, validation_loss)
-from captioning.vocab import Vocabulary
+from captioning.data.datasets import load_dataset
+from captioning.config import ModelConfig
+from captioning.models.decoders import build_decoder
+from captioning.features.store import feature_stats, load_unique, open_store
+from captioning.config import TrainConfig
+from captioning.training.objectives import decoder_loss, image_batches, length_buckets
+from captioning.features.prepare import encode_split
+from captioning.training.train import make_optimizer, optimizer_step, validation_loss
+from captioning.data.vocab import Vocabulary
 
 from bench.naive import naive_train_epoch
 

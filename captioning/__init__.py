@@ -11,8 +11,8 @@ def __getattr__(name):
     if name == "Captioner":
         import importlib.util
         if importlib.util.find_spec("torch") is None:   # a deployment from requirements-onnx.txt: exports only
-            from .onnx_runtime import OnnxCaptioner
+            from captioning.deploy.onnx_runtime import OnnxCaptioner
             return OnnxCaptioner
-        from .captioner import Captioner
+        from captioning.inference.captioner import Captioner
         return Captioner
     raise AttributeError(name)

@@ -23,7 +23,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from .utils import CaptioningError, console, failure_message
+from captioning.utils import CaptioningError, console, failure_message
 
 DEFAULT_TIMEOUT_S = 1800   # longest a rank waits for the others in one collective (dev scoring, slow slices)
 

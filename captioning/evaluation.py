@@ -10,14 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .captioner import Captioner
-from .checkpoint import models_dir, report_path
-from .evaluate import print_metrics_table, score_captions, write_report
-from .features import ExtractConfig, extract_features
-from .prepare import prepare
-from .search import SearchConfig
-from .store import load_features
-from .utils import CaptioningError, add_task, advance_task, console, make_progress
+from captioning.inference.captioner import Captioner
+from captioning.training.checkpoint import models_dir, report_path
+from captioning.metrics.scores import print_metrics_table, score_captions, write_report
+from captioning.config import ExtractConfig
+from captioning.features.extract import extract_features
+from captioning.features.prepare import prepare
+from captioning.config import SearchConfig
+from captioning.features.store import load_features
+from captioning.utils import CaptioningError, add_task, advance_task, console, make_progress
 
 
 @dataclass

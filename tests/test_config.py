@@ -4,8 +4,8 @@ from dataclasses import fields
 
 import pytest
 
-from captioning import menu
-from captioning.cli import build_parser
+from captioning.interfaces import menu
+from captioning.interfaces.cli import build_parser
 from captioning.config import ExtractConfig, ModelConfig, SearchConfig, TrainConfig, default_of, from_args, options
 
 # Filled in by the code, or given by a common option (--seed, --device): not options of their own.
@@ -54,7 +54,7 @@ def test_parsed_options_build_the_configs():
 
 
 def test_the_menu_offers_the_same_defaults_and_decoders():
-    from captioning.models import DECODERS
+    from captioning.models.decoders import DECODERS
     assert menu.DECODER_CHOICES == list(DECODERS)
     assert (menu.TRAIN.epochs, menu.TRAIN.batch_size, menu.TRAIN.model.decoder) == \
         (TrainConfig.epochs, TrainConfig.batch_size, ModelConfig().decoder)

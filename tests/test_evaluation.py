@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from captioning.captioner import Captioner
-from captioning.evaluate import score_captions
-from captioning.features import extract_features
+from captioning.inference.captioner import Captioner
+from captioning.metrics.scores import score_captions
+from captioning.features.extract import extract_features
 from captioning.evaluation import EvalRun, caption_split, evaluate_model
-from captioning.features import ExtractConfig
-from captioning.prepare import prepare
-from captioning.search import SearchConfig
+from captioning.config import ExtractConfig
+from captioning.features.prepare import prepare
+from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
 
 

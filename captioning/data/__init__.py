@@ -1,0 +1,1 @@
+"""Datasets: layouts on disk, loaders, the vocabulary, the Kaggle download, the demo's shapes."""

@@ -1,0 +1,1 @@
+"""ONNX export and the torch-free runtime that captions with it."""

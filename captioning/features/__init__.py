@@ -1,0 +1,1 @@
+"""Image decoding, encoders (and their classifier heads), extraction, the feature cache, fast settings."""

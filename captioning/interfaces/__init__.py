@@ -1,0 +1,1 @@
+"""The command line, the menu, the web dashboard and the demo."""

@@ -1,0 +1,1 @@
+"""The decoders: their contract, registry and ensembles."""
