@@ -8,6 +8,8 @@ An export (`python image_captioning.py export --format onnx --output DIR`, see o
                    (named new_<entry>), attention [B, P] for attention decoders: one word
     vocab.json     the words, position = id
     memory.npz     the consensus memory (consensus.py), when the model carries one
+    head.onnx      pooled features [B, C] → the encoder's ImageNet logits [B, 1000], when it has that head
+    imagenet_words.json   the classes' caption words beside it: the keywords (tags.py)
     config.json    format and version, preprocessing, state layout, what the model is
 
 Beam search stays in code (npsearch.py), written once over numpy. This module must never import torch,
@@ -24,6 +26,7 @@ from .consensus import memory_from_arrays
 from .images import load_image, normalise, resize_crop, to_rgb
 from .npsearch import SEARCH_BATCH, search
 from .outputs import OutputConfig, Pending, caption_photos, make_results
+from .tags import TagMap, tags_from_logits
 from .utils import CaptioningError, add_task, advance_task, make_progress
 from .vocab import Vocabulary
 
@@ -33,6 +36,7 @@ CONFIG = "config.json"
 VOCAB = "vocab.json"
 MEMORY = "memory.npz"
 GRAPHS = {"encoder": "encoder.onnx", "init": "init.onnx", "step": "step.onnx"}
+HEAD = "head.onnx"         # optional: exports of encoders without an ImageNet head (or older ones) have no tags
 ENCODE_BATCH = 8           # images per encoder run
 INSTALL = "pip install -r requirements-onnx.txt"
 
@@ -58,7 +62,8 @@ def read_config(folder):
     if config.get("version") != VERSION:
         raise CaptioningError(f"{folder} was exported by another version of this tool (format {config.get('version')}, "
                               f"this tool reads {VERSION}); export the model again with this version.")
-    for name in [*GRAPHS.values(), VOCAB]:
+    tags = config.get("tags")
+    for name in [*GRAPHS.values(), VOCAB, *((tags["graph"], tags["mapping"]) if tags else ())]:
         if not (folder / name).is_file():
             raise CaptioningError(f"{folder} is incomplete: {name} is missing; export the model again.")
     return config
@@ -161,6 +166,9 @@ class OnnxCaptioner:
                                    open_session(folder / GRAPHS["step"], ["tokens", *state["keys"]]),
                                    state, self.config["uses_grid"])
         self.memory = read_memory(folder / MEMORY, self.config["feat_dim"])
+        tags = self.config.get("tags")
+        self.head = open_session(folder / tags["graph"], ["pooled"]) if tags else None
+        self.tag_map = TagMap.load(folder / tags["mapping"]) if tags else None
 
     @classmethod
     def load(cls, model, workdir=".", device="auto", ensemble=()):
@@ -200,9 +208,26 @@ class OnnxCaptioner:
     def results(self, names, hyps):
         return make_results(self.vocab, self.grid_hw, names, hyps)
 
+    def tags(self, features, threshold):
+        """Each photo's keywords from the head on its pooled features (the plain reading's, with mirror)."""
+        if self.head is None:
+            return [[] for _ in features]
+        c = self.config["feat_dim"]
+        pooled = features[..., :c].mean(1) if features.ndim == 3 else features[..., :c]
+        logits = self.head.run(None, {"pooled": np.ascontiguousarray(pooled, dtype=np.float32)})[0]
+        return tags_from_logits(logits, self.tag_map, threshold)
+
+    def tag_results(self, results, features, cfg: SearchConfig):
+        """Give `results` (one per row of `features`) their tags: Pending calls it after each search."""
+        for result, tags in zip(results, self.tags(features, cfg.tag_threshold)):
+            result.tags = tags
+
     def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
         names = names or [""] * len(images)
-        return self.results(names, self.search(self.encode(images, cfg.mirror), cfg, keep_alphas))
+        features = self.encode(images, cfg.mirror)
+        results = self.results(names, self.search(features, cfg, keep_alphas))
+        self.tag_results(results, features, cfg)
+        return results
 
     def caption(self, image, beam_size=SearchConfig.beam_size):
         """One image (a path or a PIL image) → its caption as text, with the default search."""

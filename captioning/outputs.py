@@ -24,7 +24,8 @@ from captioning.layouts import sidecar_of
 from captioning.metadata import TAGS, ExifTool, exiftool_path, write_xmp_sidecar
 from captioning.utils import IMAGE_SUFFIXES, CaptioningError, atomic_write_text, console, failure_message
 
-CSV_HEADER = ["image", "caption", "score"]
+CSV_HEADER = ["image", "caption", "score", "tags", "confidence"]
+OLD_CSV_HEADER = CSV_HEADER[:3]   # files written before tags: resumed in their own columns
 # Processes drawing a folder run's PNGs: one per core, up to 4. Drawing costs about as much CPU as encoding
 # and searching a photo, so on 2 cores a second drawer uses what the encoder leaves and draws the backlog at
 # twice the speed once the captions are done.
@@ -47,11 +48,18 @@ class Result:
     alphas: object = None            # [words, h, w] attention of the best caption, when the decoder has it
     png: str | None = None           # the annotated picture written for it
     attention_png: str | None = None
+    tags: list = field(default_factory=list)   # [{"word", "score"}], highest first (tags.tags_from_logits)
+    confidence: float | None = None            # of the first caption, in [0, 1]
 
     def to_json(self):
         out = {"image": self.image, "caption": self.captions[0], "captions": self.captions,
-               "scores": [round(s, 4) for s in self.scores], "png": self.png}
+               "scores": [round(s, 4) for s in self.scores], "png": self.png,
+               "tags": [{"word": t["word"], "score": round(float(t["score"]), 4)} for t in self.tags],
+               "confidence": None if self.confidence is None else round(float(self.confidence), 4)}
         return out if self.attention_png is None else {**out, "attention_png": self.attention_png}
+
+    def keywords(self):
+        return [t["word"] for t in self.tags]
 
 
 def make_results(vocab, grid_hw, names, hyps):
@@ -127,13 +135,14 @@ def key(path):
 
 
 class RowFile:
-    """A CSV (`image,caption,score`, a row per caption) or JSONL file (an object per photo, the fields of
-    --json) appended as the run goes. Opening it reads which photos it already holds; a last line cut off
-    by a kill is dropped, so that photo is simply done again."""
+    """A CSV (`image,caption,score,tags,confidence`, a row per caption) or JSONL file (an object per photo,
+    the fields of --json) appended as the run goes. Opening it reads which photos it already holds; a last
+    line cut off by a kill is dropped, so that photo is simply done again. A CSV from before the tags keeps
+    its three columns."""
 
     def __init__(self, path, kind):
         self.path, self.kind = Path(path), kind
-        self.done = set()
+        self.done, self.header = set(), CSV_HEADER
         if self.path.exists():
             self._read_existing()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,9 +159,10 @@ class RowFile:
         text = data[:cut].decode("utf-8", "replace")
         if self.kind == "csv":
             rows = list(csv.reader(io.StringIO(text)))
-            if rows and rows[0] != CSV_HEADER:
+            if rows and rows[0] not in (CSV_HEADER, OLD_CSV_HEADER):
                 raise CaptioningError(f"{self.path} exists and is not a caption CSV (its header is not "
-                                      f"'image,caption,score'); choose another --csv file.")
+                                      f"'{','.join(CSV_HEADER)}'); choose another --csv file.")
+            self.header = rows[0] if rows else CSV_HEADER
             self.done = {key(r[0]) for r in rows[1:] if r}
             return
         for line in text.splitlines():
@@ -169,7 +179,7 @@ class RowFile:
         if key(result.image) in self.done:
             return
         if self.kind == "csv":
-            text = "".join(_csv_line([result.image, c, f"{s:.4f}"]) for c, s in zip(result.captions, result.scores))
+            text = "".join(_csv_line(row[:len(self.header)]) for row in csv_rows(result))
         else:
             text = json.dumps(result.to_json(), ensure_ascii=False) + "\n"
         self._append(text)
@@ -177,6 +187,13 @@ class RowFile:
 
     def close(self):
         self.f.close()
+
+
+def csv_rows(result):
+    """A row per caption (CSV_HEADER's columns); each carries the photo's tags and first caption's confidence."""
+    tags = "; ".join(result.keywords())
+    conf = "" if result.confidence is None else f"{result.confidence:.4f}"
+    return [[result.image, c, f"{s:.4f}", tags, conf] for c, s in zip(result.captions, result.scores)]
 
 
 def _csv_line(fields):
@@ -190,10 +207,10 @@ def write_txt_sidecar(photo, caption):
     atomic_write_text(sidecar_of(photo), caption + "\n")
 
 
-def _draw(image, captions, png, words, alphas, attention_png):
+def _draw(image, captions, png, words, alphas, attention_png, tags=None):
     """In the PNG worker process: the captioned picture (and the attention map)."""
     from captioning.render import save_attention_map, save_captioned_image
-    save_captioned_image(image, captions, png)
+    save_captioned_image(image, captions, png, tags)
     if attention_png:
         save_attention_map(image, words, alphas, attention_png)
     return str(png), attention_png and str(attention_png)
@@ -261,7 +278,7 @@ class Outputs:
             png = self.png_path(photo)
             att = png.with_name(png.stem + "_attention.png") if self.cfg.attention and result.alphas is not None \
                 else None
-            job = (_draw, str(photo.path), result.captions, png, result.words, result.alphas, att)
+            job = (_draw, str(photo.path), result.captions, png, result.words, result.alphas, att, result.tags)
             drawing = self.pool.submit(*job) if self.pool else Later(*job)
         self.queue.put((photo, result, drawing))
 
@@ -283,8 +300,10 @@ class Outputs:
         if self.cfg.metadata and not lossless:   # said, but the photo counts as done: no rerun can do better
             warn(f"{photo.path}: cannot write metadata into {photo.path.suffix} files without re-encoding them")
         steps = [(self.cfg.txt, lambda: write_txt_sidecar(photo.path, caption)),
-                 (self.cfg.xmp, lambda: write_xmp_sidecar(photo.path.with_suffix(".xmp"), caption, self.exiftool)),
-                 (self.cfg.metadata and lossless, lambda: self.exiftool.write(photo.path, caption))]
+                 (self.cfg.xmp, lambda: write_xmp_sidecar(photo.path.with_suffix(".xmp"), caption, self.exiftool,
+                                                          result.keywords())),
+                 (self.cfg.metadata and lossless, lambda: self.exiftool.write(photo.path, caption,
+                                                                              keywords=result.keywords()))]
         for wanted, step in steps:
             if not wanted:
                 continue
@@ -352,7 +371,10 @@ class Pending:
 
     def _search(self, photos, feats):
         hyps = self.captioner.search(feats, self.cfg, self.keep_alphas)
-        for photo, res in zip(photos, self.captioner.results([str(p.path) for p in photos], hyps)):
+        results = self.captioner.results([str(p.path) for p in photos], hyps)
+        if hasattr(self.captioner, "tag_results"):   # a runtime that tags gives each photo its keywords
+            self.captioner.tag_results(results, feats, self.cfg)
+        for photo, res in zip(photos, results):
             self.sink.submit(photo, res)
             self.results.append(res)
 
