@@ -2,7 +2,9 @@
 
 Three graphs with a dynamic batch: the encoder (BatchNorm folded, as captioning uses it), the decoder's
 init (grid → state) and its one-word step (tokens + state → log-probabilities, changed state, attention),
-the decoder state as explicit inputs and outputs. Beam search is not in a graph: it stays in code
+the decoder state as explicit inputs and outputs; and, for an encoder with pretrained weights, its ImageNet
+classifier on the pooled features (head.onnx) with the class → word mapping beside it: the keywords
+(tags.py), the same in both runtimes. Beam search is not in a graph: it stays in code
 (npsearch.py), so its rules (length normalisation, trigram block, N-best) are written once. Any object with
 the decoder contract exports, an ensemble (models.Ensemble) included. Each graph is run once with
 onnxruntime against torch before the folder is written: an export that disagrees is refused.

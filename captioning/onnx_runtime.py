@@ -209,13 +209,14 @@ class OnnxCaptioner:
         return make_results(self.vocab, self.grid_hw, names, hyps)
 
     def tags(self, features, threshold):
-        """Each photo's keywords from the head on its pooled features (the plain reading's, with mirror)."""
+        """Each photo's keywords from the head on its pooled features; mirrored, from both readings."""
         if self.head is None:
             return [[] for _ in features]
         c = self.config["feat_dim"]
-        pooled = features[..., :c].mean(1) if features.ndim == 3 else features[..., :c]
-        logits = self.head.run(None, {"pooled": np.ascontiguousarray(pooled, dtype=np.float32)})[0]
-        return tags_from_logits(logits, self.tag_map, threshold)
+        pooled = features.mean(1) if features.ndim == 3 else features
+        logits = [self.head.run(None, {"pooled": np.ascontiguousarray(pooled[:, i:i + c], dtype=np.float32)})[0]
+                  for i in range(0, pooled.shape[1], c)]
+        return tags_from_logits(np.stack(logits), self.tag_map, threshold)
 
     def tag_results(self, results, features, cfg: SearchConfig):
         """Give `results` (one per row of `features`) their tags: Pending calls it after each search."""

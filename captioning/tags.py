@@ -1,10 +1,10 @@
 """Keywords from an ImageNet classifier head: its 1,000 classes' probabilities summed into caption words.
 
-numpy only: the torch Captioner and the ONNX runtime both call `tags_from_logits`, so the two runtimes
-give the same tags from the same logits. The mapping file (captioning/assets/imagenet_words.json) names,
-for each class in the head's order, the caption word(s) it counts for ("Egyptian cat" and "tabby" → cat),
-or null for a class no caption word fits. A class with several words counts fully for each ("moped" →
-scooter and motorcycle): a word's score is the probability that the photo shows one of its classes.
+numpy only, so that the torch Captioner and the ONNX runtime give the same tags from the same logits. The
+mapping file (captioning/assets/imagenet_words.json, tools/imagenet_words.py) names, for each class in the
+head's order, its caption words, most specific first, then the hypernyms ("tabby" → cat, animal). A class
+counts for its most specific word: a word's score is the probability that the photo shows one of the
+classes named so ("dog" collects every breed). The same rule as grounding.Head.tags (engineer "ground").
 """
 import json
 from pathlib import Path
@@ -15,6 +15,7 @@ from captioning.utils import CaptioningError
 
 MAPPING_FILE = "imagenet_words.json"
 MAPPING = Path(__file__).resolve().parent / "assets" / MAPPING_FILE
+LIMIT = 5     # keywords a photo gets at most (as grounding.Head.tags): past five they are ImageNet's noise
 
 
 def class_words(mapping):
@@ -24,10 +25,7 @@ def class_words(mapping):
     if isinstance(mapping, dict) and "classes" in mapping:
         mapping = mapping["classes"]
     if isinstance(mapping, list) and mapping and all(isinstance(e, dict) for e in mapping):
-        try:
-            mapping = {str(e.get("index", i)): e.get("words") for i, e in enumerate(mapping)}
-        except AttributeError:
-            raise CaptioningError("The tag mapping's classes must each be an object with its words.") from None
+        mapping = {str(e.get("index", i)): e.get("words") for i, e in enumerate(mapping)}
     if isinstance(mapping, dict):
         try:
             by_index = {int(k): v for k, v in mapping.items()}
@@ -46,17 +44,16 @@ def class_words(mapping):
 
 
 class TagMap:
-    """The words (sorted) and the 0/1 matrix [classes, words] that sums class probabilities into them."""
+    """The specific words (sorted) and the 0/1 matrix [classes, words] that sums class probabilities into them."""
 
     def __init__(self, mapping):
         classes = class_words(mapping)
-        self.words = sorted({w for ws in classes for w in ws})
+        self.words = sorted({ws[0] for ws in classes if ws})
         column = {w: i for i, w in enumerate(self.words)}
         self.matrix = np.zeros((len(classes), len(self.words)), np.float32)
         for c, ws in enumerate(classes):
-            for w in ws:
-                self.matrix[c, column[w]] = 1.0
-        self.mapping = mapping
+            if ws:
+                self.matrix[c, column[ws[0]]] = 1.0
 
     @classmethod
     def load(cls, path=MAPPING):
@@ -69,18 +66,25 @@ class TagMap:
         return self.matrix.shape[0]
 
 
-def tags_from_logits(logits, tag_map: TagMap, threshold):
-    """Classifier logits [B, classes] → per image, [{"word", "score"}] of the words whose summed class
-    probability (softmax) is above `threshold`, highest first (ties by word, so both runtimes agree)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or logits.shape[1] != len(tag_map):
-        raise CaptioningError(f"The classifier gives {logits.shape[-1]} classes but the tag mapping has "
+def class_probs(logits):
+    """Logits [B, K], or [R, B, K] for R readings of each photo (it and its mirror image) → class
+    probabilities [B, K]: the mean of the readings' softmax."""
+    x = np.asarray(logits, dtype=np.float32)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    return p.mean(0) if p.ndim == 3 else p
+
+
+def tags_from_logits(logits, tag_map: TagMap, threshold, limit=LIMIT):
+    """Classifier logits (see class_probs) → per photo, [{"word", "score"}] of the `limit` best words
+    scoring at least `threshold`, best first."""
+    probs = class_probs(logits)
+    if probs.shape[-1] != len(tag_map):
+        raise CaptioningError(f"The classifier gives {probs.shape[-1]} classes but the tag mapping has "
                               f"{len(tag_map)}; they do not belong together.")
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    scores = (z / z.sum(1, keepdims=True)) @ tag_map.matrix.astype(np.float64)
     out = []
-    for row in scores:
-        keep = [i for i in np.flatnonzero(row > threshold)]
-        keep.sort(key=lambda i: (-row[i], tag_map.words[i]))
-        out.append([{"word": tag_map.words[i], "score": float(min(1.0, row[i]))} for i in keep])
+    for row in probs @ tag_map.matrix:
+        order = np.argsort(-row, kind="stable")[:limit]
+        out.append([{"word": tag_map.words[i], "score": round(float(row[i]), 4)} for i in order
+                    if row[i] >= threshold])
     return out

@@ -56,12 +56,15 @@ def as_list(value):
 # ---- tags.py ------------------------------------------------------------------------------------------
 
 def test_tags_sum_a_words_classes_keep_those_above_the_threshold_highest_first():
-    tag_map = TagMap([["cat", "animal"], ["cat", "animal"], ["dog", "animal"], None])
+    tag_map = TagMap([["cat", "animal"], ["cat", "animal"], ["dog", "animal"], None])   # a class: its first word
     logits = np.log([[0.3, 0.25, 0.4, 0.05], [0.05, 0.05, 0.05, 0.85]])
     got = tags_from_logits(logits, tag_map, 0.3)
-    assert [[t["word"] for t in row] for row in got] == [["animal", "cat", "dog"], []]
-    assert np.allclose([t["score"] for t in got[0]], [0.95, 0.55, 0.4])
-    assert tags_from_logits(logits, tag_map, 0.5)[0] == got[0][:2]
+    assert got == [[{"word": "cat", "score": 0.55}, {"word": "dog", "score": 0.4}], []]
+    assert tags_from_logits(logits, tag_map, 0.5)[0] == got[0][:1] == tags_from_logits(logits, tag_map, 0.3, 1)[0]
+    # Two readings of each photo (it and its mirror image): the mean of their probabilities.
+    mirrored = np.log([[0.1, 0.1, 0.7, 0.1], [0.05, 0.05, 0.05, 0.85]])
+    assert tags_from_logits(np.stack([logits, mirrored]), tag_map, 0.3)[0] == [{"word": "dog", "score": 0.55},
+                                                                             {"word": "cat", "score": 0.375}]
     with pytest.raises(CaptioningError, match="3 classes but the tag mapping has 4"):
         tags_from_logits(np.zeros((1, 3)), tag_map, 0.3)
 
@@ -256,14 +259,16 @@ def tagging_export(tmp_path_factory):
 
 
 def torch_reference_logits(captioner):
-    """torchvision's own MobileNetV2 classifying chelsea.jpg, preprocessed by the captioner's transform."""
+    """torchvision's own MobileNetV2 classifying chelsea.jpg and its mirror image, preprocessed by the
+    captioner's transform: logits [2, 1000]."""
     import torch
     import torchvision
 
     from captioning.encoders import load_image
     model = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
+    x = captioner.encoder()[1](load_image(CHELSEA))[None]
     with torch.no_grad():
-        return model(captioner.encoder()[1](load_image(CHELSEA))[None]).numpy()
+        return model(torch.cat([x, x.flip(-1)])).numpy()
 
 
 def test_onnx_tags_equal_torch_tags_on_chelsea(tagging_export, tmp_path):
@@ -274,17 +279,17 @@ def test_onnx_tags_equal_torch_tags_on_chelsea(tagging_export, tmp_path):
     config = json.loads((folder / rt.CONFIG).read_text())
     assert config["tags"] == {"graph": "head.onnx", "mapping": "imagenet_words.json"}
     assert (folder / "imagenet_words.json").read_bytes() == mapping.read_bytes()     # the export carries it
-    want = tags_from_logits(torch_logits, TagMap.load(mapping), 0.3)[0]
-    assert [t["word"] for t in want][:2] == ["animal", "cat"]
     captioner = rt.OnnxCaptioner(folder)
-    for mirror in (False, True):
+    for readings, mirror in ((torch_logits[:1, None], False), (torch_logits[:, None], True)):
+        want = tags_from_logits(readings, TagMap.load(mapping), 0.1)[0]
+        assert [t["word"] for t in want] == ["cat"]
         got = captioner.caption_pil([load_image(CHELSEA)], SearchConfig(beam_size=2, rerank=False, mirror=mirror,
-                                                                          tag_threshold=0.3))[0].tags
+                                                                          tag_threshold=0.1))[0].tags
         assert [t["word"] for t in got] == [t["word"] for t in want]
         assert np.allclose([t["score"] for t in got], [t["score"] for t in want], atol=1e-3)
     # A folder run through the runtime writes them too.
     shutil.copy(CHELSEA, tmp_path / "chelsea.jpg")
-    results = rt.caption_files(captioner, [tmp_path], SearchConfig(beam_size=2, rerank=False),
+    results = rt.caption_files(captioner, [tmp_path], SearchConfig(beam_size=2, rerank=False, tag_threshold=0.1),
                                outputs=OutputConfig(png=False, jsonl=str(tmp_path / "out.jsonl")))
-    assert [t["word"] for t in results[0].tags] == [t["word"] for t in want]
-    assert json.loads((tmp_path / "out.jsonl").read_text())["tags"][1]["word"] == "cat"
+    assert [t["word"] for t in results[0].tags] == ["cat"]
+    assert json.loads((tmp_path / "out.jsonl").read_text())["tags"] == results[0].to_json()["tags"]
