@@ -158,7 +158,7 @@ def results_csv(results):
     for r in results:
         conf = "" if r.confidence is None else f"{r.confidence:.4f}"
         for rank, (caption, score) in enumerate(zip(r.captions, r.scores), 1):
-            writer.writerow([r.image, rank, caption, f"{score:.4f}", "; ".join(r.keywords()), conf])
+            writer.writerow([r.image, rank, caption, f"{score:.4f}", "; ".join(t["word"] for t in r.tags), conf])
     return out.getvalue()
 
 

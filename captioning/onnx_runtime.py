@@ -63,6 +63,11 @@ def read_config(folder):
         raise CaptioningError(f"{folder} was exported by another version of this tool (format {config.get('version')}, "
                               f"this tool reads {VERSION}); export the model again with this version.")
     tags = config.get("tags")
+    # File names in the folder itself: a config.json never points the runtime elsewhere.
+    named = isinstance(tags, dict) and all(isinstance(tags.get(k), str) and Path(tags[k]).name == tags[k]
+                                           for k in ("graph", "mapping"))
+    if tags is not None and not named:
+        raise CaptioningError(f"{path} is damaged (its \"tags\" entry); export the model again.")
     for name in [*GRAPHS.values(), VOCAB, *((tags["graph"], tags["mapping"]) if tags else ())]:
         if not (folder / name).is_file():
             raise CaptioningError(f"{folder} is incomplete: {name} is missing; export the model again.")
@@ -147,6 +152,14 @@ class MirrorPair:
         return logp.astype(np.float32), new, outs[0][2]   # attention: the plain reading's
 
 
+class TaggedHyps(list):
+    """One photo's hypotheses, best first, and its keywords (as grounded.GroundedHyps carries its grounding)."""
+
+    def __init__(self, hyps, tags):
+        super().__init__(hyps)
+        self.tags = tags
+
+
 class OnnxCaptioner:
     """The Captioner API (load, caption, caption_pil, search, results) on an ONNX export folder."""
 
@@ -201,12 +214,17 @@ class OnnxCaptioner:
         return self.encode_batch(np.stack([self.preprocess(im) for im in images]), mirror)
 
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
-        """`features` as encode(..., mirror=cfg.mirror) gives them."""
+        """`features` as encode(..., mirror=cfg.mirror) gives them. Each photo's hypotheses come as a
+        TaggedHyps: its keywords travel with them to `results`."""
         decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
-        return search(decoder, features, cfg, keep_alphas, memory=self.memory)
+        found = search(decoder, features, cfg, keep_alphas, memory=self.memory)
+        return [TaggedHyps(hyps, tags) for hyps, tags in zip(found, self.tags(features, cfg.tag_threshold))]
 
     def results(self, names, hyps):
-        return make_results(self.vocab, self.grid_hw, names, hyps)
+        results = make_results(self.vocab, self.grid_hw, names, hyps)
+        for result, hs in zip(results, hyps):
+            result.tags = list(getattr(hs, "tags", []))
+        return results
 
     def tags(self, features, threshold):
         """Each photo's keywords from the head on its pooled features; mirrored, from both readings."""
@@ -218,17 +236,9 @@ class OnnxCaptioner:
                   for i in range(0, pooled.shape[1], c)]
         return tags_from_logits(np.stack(logits), self.tag_map, threshold)
 
-    def tag_results(self, results, features, cfg: SearchConfig):
-        """Give `results` (one per row of `features`) their tags: Pending calls it after each search."""
-        for result, tags in zip(results, self.tags(features, cfg.tag_threshold)):
-            result.tags = tags
-
     def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
         names = names or [""] * len(images)
-        features = self.encode(images, cfg.mirror)
-        results = self.results(names, self.search(features, cfg, keep_alphas))
-        self.tag_results(results, features, cfg)
-        return results
+        return self.results(names, self.search(self.encode(images, cfg.mirror), cfg, keep_alphas))
 
     def caption(self, image, beam_size=SearchConfig.beam_size):
         """One image (a path or a PIL image) → its caption as text, with the default search."""

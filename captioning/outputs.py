@@ -48,18 +48,14 @@ class Result:
     alphas: object = None            # [words, h, w] attention of the best caption, when the decoder has it
     png: str | None = None           # the annotated picture written for it
     attention_png: str | None = None
-    tags: list = field(default_factory=list)   # [{"word", "score"}], highest first (tags.tags_from_logits)
-    confidence: float | None = None            # of the first caption, in [0, 1]
+    tags: list = field(default_factory=list)    # [{"word", "score"}] best first (grounding.py, concepts.py)
+    confidence: float | None = None  # of the first caption, in [0, 1] (guidance.py)
 
     def to_json(self):
         out = {"image": self.image, "caption": self.captions[0], "captions": self.captions,
-               "scores": [round(s, 4) for s in self.scores], "png": self.png,
-               "tags": [{"word": t["word"], "score": round(float(t["score"]), 4)} for t in self.tags],
-               "confidence": None if self.confidence is None else round(float(self.confidence), 4)}
+               "scores": [round(s, 4) for s in self.scores], "png": self.png, "tags": self.tags,
+               "confidence": self.confidence}
         return out if self.attention_png is None else {**out, "attention_png": self.attention_png}
-
-    def keywords(self):
-        return [t["word"] for t in self.tags]
 
 
 def make_results(vocab, grid_hw, names, hyps):
@@ -189,9 +185,14 @@ class RowFile:
         self.f.close()
 
 
+def keywords(result):
+    """A Result's tags as plain words, best first: what goes into XMP, IPTC and the CSV."""
+    return [t["word"] for t in result.tags]
+
+
 def csv_rows(result):
     """A row per caption (CSV_HEADER's columns); each carries the photo's tags and first caption's confidence."""
-    tags = "; ".join(result.keywords())
+    tags = "; ".join(keywords(result))
     conf = "" if result.confidence is None else f"{result.confidence:.4f}"
     return [[result.image, c, f"{s:.4f}", tags, conf] for c, s in zip(result.captions, result.scores)]
 
@@ -301,9 +302,9 @@ class Outputs:
             warn(f"{photo.path}: cannot write metadata into {photo.path.suffix} files without re-encoding them")
         steps = [(self.cfg.txt, lambda: write_txt_sidecar(photo.path, caption)),
                  (self.cfg.xmp, lambda: write_xmp_sidecar(photo.path.with_suffix(".xmp"), caption, self.exiftool,
-                                                          result.keywords())),
+                                                          keywords(result))),
                  (self.cfg.metadata and lossless, lambda: self.exiftool.write(photo.path, caption,
-                                                                              keywords=result.keywords()))]
+                                                                              keywords=keywords(result)))]
         for wanted, step in steps:
             if not wanted:
                 continue
@@ -371,10 +372,7 @@ class Pending:
 
     def _search(self, photos, feats):
         hyps = self.captioner.search(feats, self.cfg, self.keep_alphas)
-        results = self.captioner.results([str(p.path) for p in photos], hyps)
-        if hasattr(self.captioner, "tag_results"):   # a runtime that tags gives each photo its keywords
-            self.captioner.tag_results(results, feats, self.cfg)
-        for photo, res in zip(photos, results):
+        for photo, res in zip(photos, self.captioner.results([str(p.path) for p in photos], hyps)):
             self.sink.submit(photo, res)
             self.results.append(res)
 

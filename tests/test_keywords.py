@@ -14,7 +14,7 @@ from PIL import Image
 
 from captioning import render
 from captioning.metadata import ExifTool, exiftool_path, write_xmp_sidecar, xmp_packet
-from captioning.outputs import OutputConfig, Outputs, Photo, RowFile, Result, key
+from captioning.outputs import OutputConfig, Outputs, Photo, RowFile, Result, key, keywords
 from captioning.tags import TagMap, class_words, tags_from_logits
 from captioning.utils import CaptioningError
 
@@ -83,6 +83,7 @@ def test_every_mapping_shape_reads_as_the_same_words():
 def test_json_jsonl_and_csv_rows_carry_tags_and_confidence(tmp_path):
     res = tagged(tmp_path / "a.jpg", ["a cat on a bed", "a cat"], [-1.25, -2.5])
     assert res.to_json()["tags"] == TAGS and res.to_json()["confidence"] == 0.8
+    assert keywords(res) == ["cat", "animal"]
     for kind in ("csv", "jsonl"):
         rows = RowFile(tmp_path / f"out.{kind}", kind)
         rows.write(res)
@@ -293,3 +294,19 @@ def test_onnx_tags_equal_torch_tags_on_chelsea(tagging_export, tmp_path):
                                outputs=OutputConfig(png=False, jsonl=str(tmp_path / "out.jsonl")))
     assert [t["word"] for t in results[0].tags] == ["cat"]
     assert json.loads((tmp_path / "out.jsonl").read_text())["tags"] == results[0].to_json()["tags"]
+
+
+@pytest.mark.parametrize("how, says", [("no head", "head.onnx is missing"), ("bad entry", "damaged"),
+                                       ("elsewhere", "damaged")])
+def test_an_export_with_a_damaged_tags_entry_is_one_line(tagging_export, tmp_path, how, says):
+    from captioning import onnx_runtime as rt
+    folder = tmp_path / "bad"
+    shutil.copytree(tagging_export[0], folder)
+    config = json.loads((folder / rt.CONFIG).read_text())
+    if how == "no head":
+        (folder / "head.onnx").unlink()
+    else:
+        config["tags"] = ["head.onnx"] if how == "bad entry" else {"graph": "/etc/passwd", "mapping": "x.json"}
+        (folder / rt.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(CaptioningError, match=says):
+        rt.OnnxCaptioner(folder)
