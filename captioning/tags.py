@@ -3,8 +3,8 @@
 numpy only, so that the torch Captioner and the ONNX runtime give the same tags from the same logits. The
 mapping file (captioning/assets/imagenet_words.json, tools/imagenet_words.py) names, for each class in the
 head's order, its caption words, most specific first, then the hypernyms ("tabby" → cat, animal). A class
-counts for its most specific word: a word's score is the probability that the photo shows one of the
-classes named so ("dog" collects every breed). The same rule as grounding.Head.tags (engineer "ground").
+counts for every word of its chain: a word's score is the probability that the photo shows one of the
+classes under it ("dog" collects every breed, "animal" every animal). The same rule as grounding.Head.tags.
 """
 import json
 from pathlib import Path
@@ -15,7 +15,7 @@ from captioning.utils import CaptioningError
 
 MAPPING_FILE = "imagenet_words.json"
 MAPPING = Path(__file__).resolve().parent / "assets" / MAPPING_FILE
-LIMIT = 5     # keywords a photo gets at most (as grounding.Head.tags): past five they are ImageNet's noise
+LIMIT = 6     # keywords a photo gets at most (as grounding.Head.tags): the object and its hypernyms
 
 
 def class_words(mapping):
@@ -44,16 +44,17 @@ def class_words(mapping):
 
 
 class TagMap:
-    """The specific words (sorted) and the 0/1 matrix [classes, words] that sums class probabilities into them."""
+    """The words (sorted), the 0/1 matrix [classes, words] that sums class probabilities into them, and
+    how many classes each word covers (fewer is more specific)."""
 
     def __init__(self, mapping):
         classes = class_words(mapping)
-        self.words = sorted({ws[0] for ws in classes if ws})
+        self.words = sorted({w for ws in classes for w in ws})
         column = {w: i for i, w in enumerate(self.words)}
         self.matrix = np.zeros((len(classes), len(self.words)), np.float32)
         for c, ws in enumerate(classes):
-            if ws:
-                self.matrix[c, column[ws[0]]] = 1.0
+            self.matrix[c, [column[w] for w in ws]] = 1.0
+        self.size = self.matrix.sum(0)
 
     @classmethod
     def load(cls, path=MAPPING):
@@ -77,14 +78,13 @@ def class_probs(logits):
 
 def tags_from_logits(logits, tag_map: TagMap, threshold, limit=LIMIT):
     """Classifier logits (see class_probs) → per photo, [{"word", "score"}] of the `limit` best words
-    scoring at least `threshold`, best first."""
+    scoring at least `threshold`, best first (the more specific first among equal scores)."""
     probs = class_probs(logits)
     if probs.shape[-1] != len(tag_map):
         raise CaptioningError(f"The classifier gives {probs.shape[-1]} classes but the tag mapping has "
                               f"{len(tag_map)}; they do not belong together.")
     out = []
     for row in probs @ tag_map.matrix:
-        order = np.argsort(-row, kind="stable")[:limit]
-        out.append([{"word": tag_map.words[i], "score": round(float(row[i]), 4)} for i in order
-                    if row[i] >= threshold])
+        hits = sorted(np.flatnonzero(row >= threshold), key=lambda i: (-round(float(row[i]), 4), tag_map.size[i]))
+        out.append([{"word": tag_map.words[i], "score": round(float(row[i]), 4)} for i in hits[:limit]])
     return out

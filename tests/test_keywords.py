@@ -56,15 +56,19 @@ def as_list(value):
 # ---- tags.py ------------------------------------------------------------------------------------------
 
 def test_tags_sum_a_words_classes_keep_those_above_the_threshold_highest_first():
-    tag_map = TagMap([["cat", "animal"], ["cat", "animal"], ["dog", "animal"], None])   # a class: its first word
+    tag_map = TagMap([["cat", "animal"], ["cat", "animal"], ["dog", "animal"], None])
     logits = np.log([[0.3, 0.25, 0.4, 0.05], [0.05, 0.05, 0.05, 0.85]])
     got = tags_from_logits(logits, tag_map, 0.3)
-    assert got == [[{"word": "cat", "score": 0.55}, {"word": "dog", "score": 0.4}], []]
-    assert tags_from_logits(logits, tag_map, 0.5)[0] == got[0][:1] == tags_from_logits(logits, tag_map, 0.3, 1)[0]
+    assert got == [[{"word": "animal", "score": 0.95}, {"word": "cat", "score": 0.55}, {"word": "dog", "score": 0.4}],
+                   []]
+    assert tags_from_logits(logits, tag_map, 0.5)[0] == got[0][:2]
+    assert tags_from_logits(logits, tag_map, 0.3, limit=1)[0] == got[0][:1]
     # Two readings of each photo (it and its mirror image): the mean of their probabilities.
     mirrored = np.log([[0.1, 0.1, 0.7, 0.1], [0.05, 0.05, 0.05, 0.85]])
-    assert tags_from_logits(np.stack([logits, mirrored]), tag_map, 0.3)[0] == [{"word": "dog", "score": 0.55},
-                                                                             {"word": "cat", "score": 0.375}]
+    assert [t["word"] for t in tags_from_logits(np.stack([logits, mirrored]), tag_map, 0.3)[0]] == \
+        ["animal", "dog", "cat"]
+    # Equal scores: the more specific word (fewer classes) first.
+    assert [t["word"] for t in tags_from_logits(np.log([[0.5, 0.5, 1e-9, 1e-9]]), tag_map, 0.3)[0]] == ["cat", "animal"]
     with pytest.raises(CaptioningError, match="3 classes but the tag mapping has 4"):
         tags_from_logits(np.zeros((1, 3)), tag_map, 0.3)
 
@@ -283,7 +287,7 @@ def test_onnx_tags_equal_torch_tags_on_chelsea(tagging_export, tmp_path):
     captioner = rt.OnnxCaptioner(folder)
     for readings, mirror in ((torch_logits[:1, None], False), (torch_logits[:, None], True)):
         want = tags_from_logits(readings, TagMap.load(mapping), 0.1)[0]
-        assert [t["word"] for t in want] == ["cat"]
+        assert [t["word"] for t in want][:2] == ["cat", "animal"]
         got = captioner.caption_pil([load_image(CHELSEA)], SearchConfig(beam_size=2, rerank=False, mirror=mirror,
                                                                           tag_threshold=0.1))[0].tags
         assert [t["word"] for t in got] == [t["word"] for t in want]
@@ -292,7 +296,7 @@ def test_onnx_tags_equal_torch_tags_on_chelsea(tagging_export, tmp_path):
     shutil.copy(CHELSEA, tmp_path / "chelsea.jpg")
     results = rt.caption_files(captioner, [tmp_path], SearchConfig(beam_size=2, rerank=False, tag_threshold=0.1),
                                outputs=OutputConfig(png=False, jsonl=str(tmp_path / "out.jsonl")))
-    assert [t["word"] for t in results[0].tags] == ["cat"]
+    assert [t["word"] for t in results[0].tags][:2] == ["cat", "animal"]
     assert json.loads((tmp_path / "out.jsonl").read_text())["tags"] == results[0].to_json()["tags"]
 
 
