@@ -89,11 +89,17 @@ class ExifTool:
             self.proc.kill()
 
 
+def clean_keywords(keywords):
+    """Each keyword once, on one line of printable characters (exiftool reads its arguments a line each)."""
+    words = ("".join(c for c in " ".join(str(k).split()) if c.isprintable()) for k in keywords)
+    return [w for w in dict.fromkeys(words) if w]
+
+
 def keyword_args(suffix, keywords):
     """ExifTool's idiom for adding list items without duplicates: each one removed, then added."""
     out = []
     for tag in KEYWORD_TAGS.get(suffix, ()):
-        for word in dict.fromkeys(" ".join(k.split()) for k in keywords):
+        for word in clean_keywords(keywords):
             # IPTC holds Latin-1 unless the file declares UTF-8: its keywords stay ASCII, XMP has them all.
             if word and (tag.startswith("XMP") or word.isascii()):
                 out += [f"-{tag}-={word}", f"-{tag}+={word}"]
@@ -105,7 +111,7 @@ def xmp_packet(caption, keywords=()):
     the keywords as dc:subject."""
     c = escape(" ".join(caption.split()))
     alt = f'<rdf:Alt><rdf:li xml:lang="x-default">{c}</rdf:li></rdf:Alt>'
-    words = list(dict.fromkeys(w for w in (" ".join(k.split()) for k in keywords) if w))
+    words = clean_keywords(keywords)
     subject = "".join(f"<rdf:li>{escape(w)}</rdf:li>" for w in words)
     subject = f'   <dc:subject><rdf:Bag>{subject}</rdf:Bag></dc:subject>\n' if words else ""
     return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
