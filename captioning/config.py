@@ -90,6 +90,8 @@ class SearchConfig:
     rerank_pool: int = setting(10, "re-ranking: beam width and the number of candidates", "positive")
     neighbours: int = setting(30, "re-ranking: training photos whose captions vote", "positive")
     seed: int = 0                  # diversity "sample": the same photo gets the same captions (--seed)
+    tag_threshold: float = setting(0.5, "tags (keywords) and guidance: the lowest score at which a word counts as "
+                                        "seen in the photo", "fraction")
 
 
 @dataclass

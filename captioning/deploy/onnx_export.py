@@ -2,7 +2,9 @@
 
 Three graphs with a dynamic batch: the encoder (BatchNorm folded, as captioning uses it), the decoder's
 init (grid → state) and its one-word step (tokens + state → log-probabilities, changed state, attention),
-the decoder state as explicit inputs and outputs. Beam search is not in a graph: it stays in code
+the decoder state as explicit inputs and outputs; and, for an encoder with pretrained weights, its ImageNet
+classifier on the pooled features (head.onnx) with the class → word mapping beside it: the keywords
+(tags.py), the same in both runtimes. Beam search is not in a graph: it stays in code
 (npsearch.py), so its rules (length normalisation, trigram block, N-best) are written once. Any object with
 the decoder contract exports, an ensemble (models.Ensemble) included. Each graph is run once with
 onnxruntime against torch before the folder is written: an export that disagrees is refused.
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from captioning.deploy.onnx_runtime import CONFIG, FORMAT, GRAPHS, MEMORY, VERSION, VOCAB, open_session, read_config
+from captioning.deploy.onnx_runtime import CONFIG, FORMAT, GRAPHS, HEAD, MEMORY, VERSION, VOCAB, open_session, read_config
+from captioning.grounding.tags import MAPPING, MAPPING_FILE, TagMap
 from captioning.utils import CaptioningError, atomic_write, atomic_write_json
 
 OPSET = 17
@@ -50,6 +53,43 @@ class _Step(nn.Module):
         logits, new, alpha = self.decoder.step(tokens, dict(zip(self.keys, values)))
         out = (logits.float().log_softmax(-1), *(new[k] for k in self.changing))
         return out if alpha is None else (*out, alpha)
+
+
+class _Head(nn.Module):
+    """The encoder's ImageNet classifier on the pooled features [B, C] (what its own forward pools)."""
+
+    def __init__(self, classifier, four_d):
+        super().__init__()
+        self.classifier, self.four_d = classifier, four_d
+
+    def forward(self, pooled):
+        return self.classifier(pooled[:, :, None, None] if self.four_d else pooled).flatten(1)
+
+
+def classifier_head(spec, channels, classes):
+    """The encoder's pretrained classifier as a _Head giving `classes` logits, or None (random weights, or a
+    network whose classifier does not sit on the pooled features)."""
+    import torchvision
+    from captioning.features.encoders import concrete_spec, resolve_weights
+    spec = concrete_spec(spec)
+    if spec.weights is None:
+        return None
+    weights = None if spec.weights_path else resolve_weights(spec.name, spec.weights)
+    model = torchvision.models.get_model(spec.name, weights=weights)
+    if spec.weights_path:
+        model.load_state_dict(torch.load(spec.weights_path, map_location="cpu", weights_only=True))
+    classifier = getattr(model, "fc", None) or getattr(model, "classifier", None)
+    if classifier is None:
+        return None
+    for four_d in (False, True):    # convnext's classifier starts with a LayerNorm2d over [B, C, 1, 1]
+        head = _Head(classifier, four_d).eval()
+        try:
+            with torch.no_grad():
+                if head(torch.zeros(2, channels)).shape == (2, classes):
+                    return head
+        except RuntimeError:
+            continue
+    return None
 
 
 def _graph(module, args, inputs, outputs):
@@ -109,13 +149,25 @@ def build_graphs(captioner):
         reference = {"encoder": (["images"], [images], [grid]), "init": (["grid"], [probe], list(init(probe))),
                      "step": (["tokens", *keys], [tokens, *state.values()], list(step(tokens, *state.values())))}
     layout = {"keys": keys, "per_image": per_image, "changing": changing, "alpha": alpha}
+    _add_head(captioner, graphs, reference, grid, gen)
     return graphs, layout, reference, prep, grid.shape
+
+
+def _add_head(captioner, graphs, reference, grid, gen):
+    """The classifier head's graph (pooled features → logits), when the encoder has one the mapping fits."""
+    head = classifier_head(captioner.spec, grid.shape[-1], len(TagMap.load(MAPPING))) if MAPPING.exists() else None
+    if head is None:
+        return
+    graphs["head"] = _graph(head, (grid.mean(1),), ["pooled"], ["logits"])
+    pooled = torch.randn(3, grid.shape[-1], generator=gen).abs()      # post-ReLU features are not negative
+    with torch.no_grad():
+        reference["head"] = (["pooled"], [pooled], [head(pooled)])
 
 
 def _check(folder, reference):
     """Each written graph, run by onnxruntime, must give torch's outputs."""
     for name, (names, inputs, expected) in reference.items():
-        session = open_session(folder / GRAPHS[name], names)
+        session = open_session(folder / {**GRAPHS, "head": HEAD}[name], names)
         got = session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
         if [g.shape for g in got] != [tuple(e.shape) for e in expected]:
             raise CaptioningError(f"The exported {name} graph gives other shapes than the model (a batch size "
@@ -144,10 +196,15 @@ def export_onnx(captioner, folder):
         raise CaptioningError(f"The {name} decoder cannot be exported to ONNX: {first}") from e
     (folder / CONFIG).unlink(missing_ok=True)      # no half-new folder passes for an export meanwhile
     for key, data in graphs.items():
-        atomic_write(folder / GRAPHS[key], lambda f, data=data: f.write(data))
+        atomic_write(folder / {**GRAPHS, "head": HEAD}[key], lambda f, data=data: f.write(data))
     _check(folder, reference)
     atomic_write_json(folder / VOCAB, captioner.vocab.words)
     (folder / MEMORY).unlink(missing_ok=True)
+    if "head" in graphs:    # the export carries its own copy: it tags as it was exported, wherever it goes
+        atomic_write(folder / MAPPING_FILE, lambda f: f.write(MAPPING.read_bytes()))
+    else:                   # an earlier export's head in this folder must not tag this model
+        for stale in (HEAD, MAPPING_FILE):
+            (folder / stale).unlink(missing_ok=True)
     if captioner.memory is not None:
         atomic_write(folder / MEMORY, lambda f: np.savez(f, **captioner.memory.to_arrays()))
     members = [captioner.decoder] if not hasattr(captioner.decoder, "members") else list(captioner.decoder.members)
@@ -155,7 +212,8 @@ def export_onnx(captioner, folder):
               "uses_grid": bool(captioner.decoder.uses_grid), "grid_hw": list(captioner.grid_hw),
               "feat_dim": int(grid_shape[-1]), "encoder": captioner.spec.to_dict(), "preprocess": prep,
               "state": layout, "source": str(captioner.source), "opset": OPSET,
-              "evaluation": (captioner.ckpt.get("evaluation") or {})}
+              "evaluation": (captioner.ckpt.get("evaluation") or {}),
+              "tags": {"graph": HEAD, "mapping": MAPPING_FILE} if "head" in graphs else None}
     atomic_write_json(folder / CONFIG, config)
     read_config(folder)                             # what the runtime will check, checked now
     return folder

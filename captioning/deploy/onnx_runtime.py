@@ -8,6 +8,8 @@ An export (`python image_captioning.py export --format onnx --output DIR`, see o
                    (named new_<entry>), attention [B, P] for attention decoders: one word
     vocab.json     the words, position = id
     memory.npz     the consensus memory (consensus.py), when the model carries one
+    head.onnx      pooled features [B, C] → the encoder's ImageNet logits [B, 1000], when it has that head
+    imagenet_words.json   the classes' caption words beside it: the keywords (tags.py)
     config.json    format and version, preprocessing, state layout, what the model is
 
 Beam search stays in code (npsearch.py), written once over numpy. This module must never import torch,
@@ -25,6 +27,7 @@ from captioning.search.consensus import memory_from_arrays
 from captioning.features.images import PIL_FILTERS, load_image, normalise, resize_crop, to_rgb
 from captioning.search.numpy_search import SEARCH_BATCH, search
 from captioning.results.outputs import OutputConfig, Pending, caption_photos, make_results
+from captioning.grounding.tags import TagMap, tags_from_logits
 from captioning.utils import CaptioningError, add_task, advance_task, make_progress
 from captioning.data.vocab import Vocabulary
 
@@ -34,6 +37,7 @@ CONFIG = "config.json"
 VOCAB = "vocab.json"
 MEMORY = "memory.npz"
 GRAPHS = {"encoder": "encoder.onnx", "init": "init.onnx", "step": "step.onnx"}
+HEAD = "head.onnx"         # optional: exports of encoders without an ImageNet head (or older ones) have no tags
 ENCODE_BATCH = 8           # images per encoder run
 MAX_MEMORY_BYTES = 1 << 30 # memory.npz unpacked (Flickr8k's is a few MB, COCO's under 100 MB)
 MAX_SIDE = 2048            # preprocess resize and crop (encoders take 224-600 px)
@@ -61,7 +65,13 @@ def read_config(folder):
     if config.get("version") != VERSION:
         raise CaptioningError(f"{folder} was exported by another version of this tool (format {config.get('version')}, "
                               f"this tool reads {VERSION}); export the model again with this version.")
-    for name in [*GRAPHS.values(), VOCAB]:
+    tags = config.get("tags")
+    # File names in the folder itself: a config.json never points the runtime elsewhere.
+    named = isinstance(tags, dict) and all(isinstance(tags.get(k), str) and Path(tags[k]).name == tags[k]
+                                           for k in ("graph", "mapping"))
+    if tags is not None and not named:
+        raise CaptioningError(f"{path} is damaged (its \"tags\" entry); export the model again.")
+    for name in [*GRAPHS.values(), VOCAB, *((tags["graph"], tags["mapping"]) if tags else ())]:
         if not (folder / name).is_file():
             raise CaptioningError(f"{folder} is incomplete: {name} is missing; export the model again.")
     if not _config_in_bounds(config):
@@ -186,6 +196,14 @@ class MirrorPair:
         return logp.astype(np.float32), new, outs[0][2]   # attention: the plain reading's
 
 
+class TaggedHyps(list):
+    """One photo's hypotheses, best first, and its keywords (as grounded.GroundedHyps carries its grounding)."""
+
+    def __init__(self, hyps, tags):
+        super().__init__(hyps)
+        self.tags = tags
+
+
 class OnnxCaptioner:
     """The Captioner API (load, caption, caption_pil, search, results) on an ONNX export folder."""
 
@@ -205,6 +223,9 @@ class OnnxCaptioner:
                                    open_session(folder / GRAPHS["step"], ["tokens", *state["keys"]]),
                                    state, self.config["uses_grid"])
         self.memory = read_memory(folder / MEMORY, self.config["feat_dim"])
+        tags = self.config.get("tags")
+        self.head = open_session(folder / tags["graph"], ["pooled"]) if tags else None
+        self.tag_map = TagMap.load(folder / tags["mapping"]) if tags else None
 
     @classmethod
     def load(cls, model, workdir=".", device="auto", ensemble=()):
@@ -237,12 +258,27 @@ class OnnxCaptioner:
         return self.encode_batch(np.stack([self.preprocess(im) for im in images]), mirror)
 
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
-        """`features` as encode(..., mirror=cfg.mirror) gives them."""
+        """`features` as encode(..., mirror=cfg.mirror) gives them. Each photo's hypotheses come as a
+        TaggedHyps: its keywords travel with them to `results`."""
         decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
-        return search(decoder, features, cfg, keep_alphas, memory=self.memory)
+        found = search(decoder, features, cfg, keep_alphas, memory=self.memory)
+        return [TaggedHyps(hyps, tags) for hyps, tags in zip(found, self.tags(features, cfg.tag_threshold))]
 
     def results(self, names, hyps):
-        return make_results(self.vocab, self.grid_hw, names, hyps)
+        results = make_results(self.vocab, self.grid_hw, names, hyps)
+        for result, hs in zip(results, hyps):
+            result.tags = list(getattr(hs, "tags", []))
+        return results
+
+    def tags(self, features, threshold):
+        """Each photo's keywords from the head on its pooled features; mirrored, from both readings."""
+        if self.head is None:
+            return [[] for _ in features]
+        c = self.config["feat_dim"]
+        pooled = features.mean(1) if features.ndim == 3 else features
+        logits = [self.head.run(None, {"pooled": np.ascontiguousarray(pooled[:, i:i + c], dtype=np.float32)})[0]
+                  for i in range(0, pooled.shape[1], c)]
+        return tags_from_logits(np.stack(logits), self.tag_map, threshold)
 
     def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
         names = names or [""] * len(images)

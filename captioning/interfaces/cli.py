@@ -59,7 +59,8 @@ def library_options(p):
     g.add_argument("--recursive", action="store_true", help="every image under the folders (output names keep "
                    "the relative path)")
     g.add_argument("--no-png", dest="png", action="store_false", help="no captioned PNGs")
-    g.add_argument("--csv", metavar="FILE", help="append image,caption,score rows as the run goes")
+    g.add_argument("--csv", metavar="FILE", help="append image,caption,score,tags,confidence rows as "
+                   "the run goes")
     g.add_argument("--jsonl", metavar="FILE", help="append one JSON object per image as the run goes")
     g.add_argument("--txt", action="store_true", help="a photo.txt caption sidecar beside each photo")
     g.add_argument("--xmp", action="store_true", help="a photo.xmp sidecar (dc:description, IPTC alt text)")
@@ -231,6 +232,8 @@ def cmd_caption(args):
         print(printable(r.image))
         for i, c in enumerate(r.captions, 1):
             print(printable(f"  {i}. {c}" if len(r.captions) > 1 else f"  {c}"))
+        if r.tags:
+            print(printable("  tags: " + ", ".join(f"{t['word']} ({t['score']:.2f})" for t in r.tags)))
         if r.png:
             print(printable(f"  saved {r.png}" + (f" and {r.attention_png}" if r.attention_png else "")))
 

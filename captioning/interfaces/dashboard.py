@@ -19,6 +19,7 @@ import argparse
 import collections
 import csv
 import dataclasses
+import functools
 import hashlib
 import hmac
 import io
@@ -209,14 +210,23 @@ def results_json(results):
 
 
 def results_csv(results):
-    """One row per caption: image, rank (1 = best), caption, score."""
+    """One row per caption: image, rank (1 = best), caption, score, the photo's tags ("; ") and confidence."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["image", "rank", "caption", "score"])
+    writer.writerow(["image", "rank", "caption", "score", "tags", "confidence"])
     for r in results:
+        conf = "" if r.confidence is None else f"{r.confidence:.4f}"
         for rank, (caption, score) in enumerate(zip(r.captions, r.scores), 1):
-            writer.writerow([r.image, rank, caption, f"{score:.4f}"])
+            writer.writerow([r.image, rank, caption, f"{score:.4f}", "; ".join(t["word"] for t in r.tags), conf])
     return out.getvalue()
+
+
+def tags_text(result):
+    """The line under a photo's caption: its keywords with their scores, and the caption's confidence."""
+    from captioning.results.render import tag_line
+    parts = [f"tags: {tag_line(result.tags)}"] if result.tags else []
+    parts += [] if result.confidence is None else [f"confidence {result.confidence:.2f}"]
+    return " — ".join(parts)
 
 
 def png_bytes(draw, *args):
@@ -391,10 +401,13 @@ def show_photo(index, photo, result, model_key, attention, segmenter):
         cols[0].image(photo.small)
         with cols[1]:
             st.markdown(f"**{md(result.captions[0])}**")
+            if result.tags or result.confidence is not None:
+                st.caption(md(tags_text(result)))
             # A table rather than a dataframe: it wraps long captions instead of cutting off the scores.
             st.table({"caption": result.captions, "score": [f"{s:.3f}" for s in result.scores]})
-            png = memo(("png", model_key, photo.key, tuple(result.captions)),
-                       lambda: png_bytes(save_captioned_image, photo.small, result.captions))
+            png = memo(("png", model_key, photo.key, tuple(result.captions), tags_text(result)),
+                       lambda: png_bytes(functools.partial(save_captioned_image, tags=result.tags), photo.small,
+                                         result.captions))
             st.download_button("Annotated PNG", png, file_name=png_name(photo.name), mime="image/png",
                                key=f"png-{index}", on_click="ignore")
         if segmenter:
@@ -577,5 +590,5 @@ def hide_error_details():
 if __name__ == "__main__":
     # Streamlit runs this file afresh as __main__ on every rerun; the page runs from the imported module,
     # whose globals (the models, the password count) last as long as the server.
-    from captioning import dashboard
+    from captioning.interfaces import dashboard
     dashboard.main()

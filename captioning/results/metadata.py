@@ -37,6 +37,11 @@ XMP_TAGS = ("-XMP-dc:Description", "-XMP-iptcCore:AltTextAccessibility")
 TAGS = {".jpg": (*XMP_TAGS, "-EXIF:ImageDescription"), ".jpeg": (*XMP_TAGS, "-EXIF:ImageDescription"),
         ".tif": (*XMP_TAGS, "-EXIF:ImageDescription"), ".tiff": (*XMP_TAGS, "-EXIF:ImageDescription"),
         ".png": (*XMP_TAGS, "-PNG:Description"), ".webp": XMP_TAGS}
+# Keywords (the tags) where photo libraries look for them: XMP dc:subject everywhere (Lightroom, darktable,
+# digiKam), and the older IPTC Keywords too in the formats that carry an IPTC block.
+KEYWORD_TAGS = {".jpg": ("XMP-dc:Subject", "IPTC:Keywords"), ".jpeg": ("XMP-dc:Subject", "IPTC:Keywords"),
+                ".tif": ("XMP-dc:Subject", "IPTC:Keywords"), ".tiff": ("XMP-dc:Subject", "IPTC:Keywords"),
+                ".png": ("XMP-dc:Subject",), ".webp": ("XMP-dc:Subject",), ".xmp": ("XMP-dc:Subject",)}
 READY = b"{ready}"
 _euid = getattr(os, "geteuid", lambda: None)   # Windows has no user ids
 TMP_PREFIX = ".captioning-exiftool-"   # the private folders a write goes through
@@ -74,7 +79,9 @@ class ExifTool:
             out += chunk
         return out.rstrip()[:-len(READY)].decode("utf-8", "replace")
 
-    def write(self, path, caption, tags=None):
+    def write(self, path, caption, tags=None, keywords=()):
+        """The caption into `tags` (default: TAGS for the file's format), and `keywords` added to the ones the
+        file has (KEYWORD_TAGS): none is removed, none is written twice. None or a one-line failure."""
         path = Path(path)
         tags = tags or TAGS.get(path.suffix.lower())
         if tags is None:
@@ -94,7 +101,8 @@ class ExifTool:
             # exiftool build that format from scratch: it cannot for WebP); -P keeps the modification time.
             # -o reads %d, %f, %e as format codes and a folder's name may hold them, so the folder is named
             # as %d (the photo's folder, as exiftool was given it) and mkdtemp's random name (no %).
-            out = self.run(["-P", "-charset", "utf8", *(f"{t}={caption}" for t in tags), "-o", f"%d{private.name}/",
+            out = self.run(["-P", "-charset", "utf8", *(f"{t}={caption}" for t in tags),
+                            *keyword_args(path.suffix.lower(), keywords), "-o", f"%d{private.name}/",
                             str(path.absolute())])
             if "1 image files created" not in out or not new.is_file():
                 why = next((ln.split(":", 1)[-1].strip() for ln in out.splitlines() if ln.startswith("Error")),
@@ -162,10 +170,31 @@ def _replace_keeping_mode(new, path):
     os.replace(new, path)
 
 
-def xmp_packet(caption):
-    """A minimal XMP sidecar: dc:description and the IPTC alt text, as Lightroom and darktable read them."""
+def clean_keywords(keywords):
+    """Each keyword once, on one line of printable characters (exiftool reads its arguments a line each)."""
+    words = ("".join(c for c in " ".join(str(k).split()) if c.isprintable()) for k in keywords)
+    return [w for w in dict.fromkeys(words) if w]
+
+
+def keyword_args(suffix, keywords):
+    """ExifTool's idiom for adding list items without duplicates: each one removed, then added."""
+    out = []
+    for tag in KEYWORD_TAGS.get(suffix, ()):
+        for word in clean_keywords(keywords):
+            # IPTC holds Latin-1 unless the file declares UTF-8: its keywords stay ASCII, XMP has them all.
+            if tag.startswith("XMP") or word.isascii():
+                out += [f"-{tag}-={word}", f"-{tag}+={word}"]
+    return out
+
+
+def xmp_packet(caption, keywords=()):
+    """A minimal XMP sidecar: dc:description and the IPTC alt text, as Lightroom and darktable read them, and
+    the keywords as dc:subject."""
     c = escape("".join(ch for ch in " ".join(caption.split()) if ch.isprintable()))
     alt = f'<rdf:Alt><rdf:li xml:lang="x-default">{c}</rdf:li></rdf:Alt>'
+    words = clean_keywords(keywords)
+    subject = "".join(f"<rdf:li>{escape(w)}</rdf:li>" for w in words)
+    subject = f'   <dc:subject><rdf:Bag>{subject}</rdf:Bag></dc:subject>\n' if words else ""
     return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
             '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
             ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
@@ -174,22 +203,24 @@ def xmp_packet(caption):
             '    xmlns:Iptc4xmpCore="http://iptc.org/std/Iptc4xmpCore/1.0/xmlns/">\n'
             f'   <dc:description>{alt}</dc:description>\n'
             f'   <Iptc4xmpCore:AltTextAccessibility>{alt}</Iptc4xmpCore:AltTextAccessibility>\n'
+            f'{subject}'
             '  </rdf:Description>\n'
             ' </rdf:RDF>\n'
             '</x:xmpmeta>\n'
             '<?xpacket end="w"?>\n')
 
 
-def write_xmp_sidecar(path, caption, exiftool=None):
+def write_xmp_sidecar(path, caption, exiftool=None, keywords=()):
     """photo.xmp: a new packet, or, where one exists (a raw developer's settings), those two fields updated
-    in it with ExifTool so that nothing else in it is lost. Returns None or a one-line failure."""
+    and the keywords added in it with ExifTool so that nothing else in it is lost. Returns None or a
+    one-line failure."""
     path = Path(path)
     if not path.exists():
-        atomic_write_text(path, xmp_packet(caption))
+        atomic_write_text(path, xmp_packet(caption, keywords))
         return None
     if exiftool is None:
         return f"{path} exists and updating it without losing its other fields {INSTALL}; skipped"
-    return exiftool.write(path, caption, XMP_TAGS)
+    return exiftool.write(path, caption, XMP_TAGS, keywords)
 
 
 def write_caption_txt(path, caption):

@@ -25,7 +25,8 @@ from captioning.data.layouts import sidecar_of
 from captioning.results.metadata import TAGS, ExifTool, exiftool_path, write_caption_txt, write_xmp_sidecar
 from captioning.utils import IMAGE_SUFFIXES, CaptioningError, console, failure_message, printable
 
-CSV_HEADER = ["image", "caption", "score"]
+CSV_HEADER = ["image", "caption", "score", "tags", "confidence"]
+OLD_CSV_HEADER = CSV_HEADER[:3]   # files written before tags: resumed in their own columns
 # A cell starting with one of these is a formula to Excel, LibreOffice and Sheets (=HYPERLINK(...), =cmd|...):
 # written with a leading ' as spreadsheet exports do, and read back without it.
 FORMULA = ("=", "+", "-", "@", "\t", "\r")
@@ -51,10 +52,13 @@ class Result:
     alphas: object = None            # [words, h, w] attention of the best caption, when the decoder has it
     png: str | None = None           # the annotated picture written for it
     attention_png: str | None = None
+    tags: list = field(default_factory=list)    # [{"word", "score"}] best first (grounding.py, concepts.py)
+    confidence: float | None = None  # of the first caption, in [0, 1] (guidance.py)
 
     def to_json(self):
         out = {"image": self.image, "caption": self.captions[0], "captions": self.captions,
-               "scores": [round(s, 4) for s in self.scores], "png": self.png}
+               "scores": [round(s, 4) for s in self.scores], "png": self.png, "tags": self.tags,
+               "confidence": self.confidence}
         return out if self.attention_png is None else {**out, "attention_png": self.attention_png}
 
 
@@ -131,13 +135,14 @@ def key(path):
 
 
 class RowFile:
-    """A CSV (`image,caption,score`, a row per caption) or JSONL file (an object per photo, the fields of
-    --json) appended as the run goes. Opening it reads which photos it already holds; a last line cut off
-    by a kill is dropped, so that photo is simply done again."""
+    """A CSV (`image,caption,score,tags,confidence`, a row per caption) or JSONL file (an object per photo,
+    the fields of --json) appended as the run goes. Opening it reads which photos it already holds; a last
+    line cut off by a kill is dropped, so that photo is simply done again. A CSV from before the tags keeps
+    its three columns."""
 
     def __init__(self, path, kind):
         self.path, self.kind = Path(path), kind
-        self.done = set()
+        self.done, self.header = set(), CSV_HEADER
         if self.path.exists():
             self._read_existing()   # someone else's file is refused before anything in it changes
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,12 +162,13 @@ class RowFile:
     def _ours(self, text, tail):
         """The photos in `text` (the file's whole lines), or a one-line refusal unless all of it, and the cut-off
         `tail`, is what this class writes."""
-        first = (b"image,caption,score\n" if self.kind == "csv" else b'{"image": ')[:max(1, len(tail))]
+        first = ((",".join(CSV_HEADER) + "\n").encode() if self.kind == "csv" else b'{"image": ')[:max(1, len(tail))]
         if self.kind == "csv":
             rows = list(csv.reader(io.StringIO(text)))
-            if (rows and rows[0] != CSV_HEADER) or (not rows and tail and not tail.startswith(first)):
+            if (rows and rows[0] not in (CSV_HEADER, OLD_CSV_HEADER)) or (not rows and tail and not tail.startswith(first)):
                 raise CaptioningError(f"{self.path} exists and is not a caption CSV (its header is not "
-                                      f"'image,caption,score'); choose another --csv file.")
+                                      f"'{','.join(CSV_HEADER)}'); choose another --csv file.")
+            self.header = rows[0] if rows else CSV_HEADER
             return {key(_uncell(r[0])) for r in rows[1:] if r}
         try:
             done = {key(json.loads(line)["image"]) for line in text.splitlines() if line.strip()}
@@ -181,8 +187,7 @@ class RowFile:
         if key(result.image) in self.done:
             return
         if self.kind == "csv":
-            text = "".join(_csv_line([_cell(result.image), _cell(c), f"{s:.4f}"])
-                           for c, s in zip(result.captions, result.scores))
+            text = "".join(_csv_line(row[:len(self.header)]) for row in csv_rows(result))
         else:
             text = json.dumps(result.to_json(), ensure_ascii=False) + "\n"
         self._append(text)
@@ -198,6 +203,19 @@ def _cell(text):
 
 def _uncell(text):
     return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA) else text
+
+
+def keywords(result):
+    """A Result's tags as plain words, best first: what goes into XMP, IPTC and the CSV."""
+    return [t["word"] for t in result.tags]
+
+
+def csv_rows(result):
+    """A row per caption (CSV_HEADER's columns); each carries the photo's tags and first caption's confidence.
+    Text cells that a spreadsheet would read as formulas are neutralised (_cell)."""
+    tags = _cell("; ".join(keywords(result)))
+    conf = "" if result.confidence is None else f"{result.confidence:.4f}"
+    return [[_cell(result.image), _cell(c), f"{s:.4f}", tags, conf] for c, s in zip(result.captions, result.scores)]
 
 
 def _csv_line(fields):
@@ -232,10 +250,10 @@ def png_names(photos):
     return out
 
 
-def _draw(image, captions, png, words, alphas, attention_png):
+def _draw(image, captions, png, words, alphas, attention_png, tags=None):
     """In the PNG worker process: the captioned picture (and the attention map)."""
     from captioning.results.render import save_attention_map, save_captioned_image
-    save_captioned_image(image, captions, png)
+    save_captioned_image(image, captions, png, tags)
     if attention_png:
         save_attention_map(image, words, alphas, attention_png)
     return str(png), attention_png and str(attention_png)
@@ -305,7 +323,7 @@ class Outputs:
             png = self.png_path(photo)
             att = png.with_name(png.stem + "_attention.png") if self.cfg.attention and result.alphas is not None \
                 else None
-            job = (_draw, str(photo.path), result.captions, png, result.words, result.alphas, att)
+            job = (_draw, str(photo.path), result.captions, png, result.words, result.alphas, att, result.tags)
             drawing = self.pool.submit(*job) if self.pool else Later(*job)
         self.queue.put((photo, result, drawing))
 
@@ -327,8 +345,10 @@ class Outputs:
         if self.cfg.metadata and not lossless:   # said, but the photo counts as done: no rerun can do better
             warn(f"{photo.path}: cannot write metadata into {photo.path.suffix} files without re-encoding them")
         steps = [(self.cfg.txt, lambda: write_txt_sidecar(photo.path, caption)),
-                 (self.cfg.xmp, lambda: write_xmp_sidecar(photo.path.with_suffix(".xmp"), caption, self.exiftool)),
-                 (self.cfg.metadata and lossless, lambda: self.exiftool.write(photo.path, caption))]
+                 (self.cfg.xmp, lambda: write_xmp_sidecar(photo.path.with_suffix(".xmp"), caption, self.exiftool,
+                                                          keywords(result))),
+                 (self.cfg.metadata and lossless, lambda: self.exiftool.write(photo.path, caption,
+                                                                              keywords=keywords(result)))]
         for wanted, step in steps:
             if not wanted:
                 continue

@@ -25,6 +25,7 @@ except ImportError:     # a platform without its wheels: the standard library's
 
 DPI = 100
 CAPTION_FONT = 18      # points; readable when the PNG is shown at half size
+TAGS_FONT = 12         # the keywords' line under the caption: smaller and grey, secondary to the caption
 TINY = 96              # photos smaller than this (longest side, px) are upscaled with hard pixel edges
 
 
@@ -121,8 +122,14 @@ def _wrap_px(text, font, width, prefix=""):
     return lines + [line] if line.strip() or not lines else lines
 
 
-def save_captioned_image(image, caption, path):
-    """The photo with its caption (or numbered captions) below in large wrapped text; returns the path.
+def tag_line(tags):
+    """The keywords as the PNG shows them: "cat 0.93 · tabby 0.41" (tags as Result.tags, or plain words)."""
+    return " · ".join(t if isinstance(t, str) else f"{t['word']} {t['score']:.2f}" for t in tags or [])
+
+
+def save_captioned_image(image, caption, path, tags=None):
+    """The photo with its caption (or numbered captions) below in large wrapped text and, given `tags`, a
+    small grey line of them under it; returns the path.
 
     Drawn with Pillow: as the matplotlib figure it replaces (800 px wide, DejaVu Sans at 18 pt, the photo
     fitted above), several times faster, so a folder run is not limited by its pictures."""
@@ -138,11 +145,14 @@ def save_captioned_image(image, caption, path):
     for i, cap in enumerate(captions, 1):
         lines += _wrap_px(cap, font, width - 2 * margin, f"{i}. " if several else "")
     line_h = round(font.size * 1.35)
+    small = _font(round(TAGS_FONT * DPI / 72))
+    tag_lines = _wrap_px(tag_line(tags), small, width - 2 * margin) if tags else []
+    tags_h = round(small.size * 1.35) * len(tag_lines) + (gap // 2 if tag_lines else 0)
     pw, ph = _fit(image, width - 2 * margin, max_photo_h)
     pw, ph = max(1, round(pw)), max(1, round(ph))
     # Tiny images are blown up a lot: nearest keeps the pixels crisp instead of a blur.
     photo = image.resize((pw, ph), Image.NEAREST if max(image.size) < TINY else Image.BICUBIC)
-    canvas = Image.new("RGB", (width, margin + ph + gap + line_h * len(lines) + margin), "white")
+    canvas = Image.new("RGB", (width, margin + ph + gap + line_h * len(lines) + tags_h + margin), "white")
     canvas.paste(photo, ((width - pw) // 2, margin))
     draw = ImageDraw.Draw(canvas)
     y = margin + ph + gap
@@ -150,6 +160,10 @@ def save_captioned_image(image, caption, path):
         x = margin if several else (width - font.getlength(line)) / 2
         draw.text((x, y), line, fill="black", font=font)
         y += line_h
+    y += gap // 2 if tag_lines else 0
+    for line in tag_lines:
+        draw.text(((width - small.getlength(line)) / 2, y), line, fill=(110, 110, 110), font=small)
+        y += round(small.size * 1.35)
     data = png_bytes(canvas)
     return atomic_write(path, lambda f: f.write(data))
 

@@ -257,7 +257,8 @@ def test_results_as_json_and_csv(workdir, photos):
     table = list(csv.DictReader(io.StringIO(dash.results_csv(results))))
     assert len(table) == sum(len(r.captions) for r in results)
     assert table[0] == {"image": results[0].image, "rank": "1", "caption": results[0].captions[0],
-                        "score": f"{results[0].scores[0]:.4f}"}
+                        "score": f"{results[0].scores[0]:.4f}", "tags": "; ".join(t["word"] for t in results[0].tags),
+                        "confidence": "" if results[0].confidence is None else f"{results[0].confidence:.4f}"}
     # The annotated PNG the download button serves: render.py's drawing, in memory.
     from captioning.results.render import save_captioned_image
     png = dash.png_bytes(save_captioned_image, load_image(photos[0]), results[0].captions)

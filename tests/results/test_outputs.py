@@ -56,8 +56,9 @@ def test_csv_rows_resume_and_a_cut_off_line_is_dropped(tmp_path):
     assert again.done == {key(tmp_path / "a.jpg")}
     again.write(result(tmp_path / "b.jpg"))
     again.close()
-    assert path.read_text() == (f'image,caption,score\n{tmp_path / "a.jpg"},"one, with a comma",-1.0000\n'
-                                f'{tmp_path / "a.jpg"},two,-2.0000\n{tmp_path / "b.jpg"},a dog runs,-1.5000\n')
+    assert path.read_text() == (f'image,caption,score,tags,confidence\n{tmp_path / "a.jpg"},"one, with a comma",'
+                                f'-1.0000,,\n{tmp_path / "a.jpg"},two,-2.0000,,\n{tmp_path / "b.jpg"},a dog runs,'
+                                f'-1.5000,,\n')
 
 
 def test_someone_elses_csv_is_refused_not_appended_to(tmp_path):
@@ -74,7 +75,7 @@ def test_jsonl_has_the_json_fields(tmp_path):
     rows.write(result("x/a.jpg"))
     rows.close()
     assert json.loads(path.read_text()) == {"image": "x/a.jpg", "caption": "a dog runs", "captions": ["a dog runs"],
-                                            "scores": [-1.5], "png": None}
+                                            "scores": [-1.5], "png": None, "tags": [], "confidence": None}
     assert RowFile(path, "jsonl").done == {key("x/a.jpg")}
 
 
