@@ -29,14 +29,17 @@ class Hypothesis:
     alphas: object = None          # [len, cells] attention per emitted word (tensor or array), attention decoders
 
 
+def trigram_repeats(seqs):
+    """(rows, words): each word that would repeat a trigram already in its row of `seqs` [N, T]."""
+    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
+    return np.nonzero(match)[0], seqs[:, 2:][match]
+
+
 def banned_trigrams(seqs, vocab_size):
     """Mask [N, V] of words that would repeat a trigram already in each sequence."""
-    n, t = seqs.shape
-    banned = np.zeros((n, vocab_size), dtype=bool)
-    if t >= 3:
-        match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
-        rows = np.nonzero(match)[0]
-        banned[rows, seqs[:, 2:][match]] = True
+    banned = np.zeros((seqs.shape[0], vocab_size), dtype=bool)
+    if seqs.shape[1] >= 3:
+        banned[trigram_repeats(seqs)] = True
     return banned
 
 
@@ -49,8 +52,8 @@ def constrained(logp, seqs, t, cfg):
     if t == cfg.max_len - 1:
         logp[:, :] = NEG_INF
         logp[:, END] = 0.0
-    if cfg.block_trigrams:
-        logp[banned_trigrams(seqs, logp.shape[1])] = NEG_INF
+    if cfg.block_trigrams and seqs.shape[1] >= 3:
+        logp[trigram_repeats(seqs)] = NEG_INF            # by index: no [N, V] mask built at every step
     return logp
 
 

@@ -17,14 +17,18 @@ from .npsearch import (DIVERSE_SAMPLES, MIN_DISTANCE, Hypothesis, best_distinct,
 from .vocab import END, PAD, START, UNK
 
 
+def _trigram_repeats(seqs):
+    """(rows, words): each word that would repeat a trigram already in its row of `seqs` [N, T]."""
+    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
+    return match.nonzero(as_tuple=True)[0], seqs[:, 2:][match]
+
+
 def _banned_trigrams(seqs, vocab_size):
     """Mask [N, V] of words that would repeat a trigram already in each sequence."""
-    n, t = seqs.shape
-    if t < 3:
-        return torch.zeros(n, vocab_size, dtype=torch.bool, device=seqs.device)
-    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
-    counts = torch.zeros(n, vocab_size, device=seqs.device).scatter_add_(1, seqs[:, 2:], match.float())
-    return counts > 0
+    banned = torch.zeros(seqs.shape[0], vocab_size, dtype=torch.bool, device=seqs.device)
+    if seqs.shape[1] >= 3:
+        banned[_trigram_repeats(seqs)] = True
+    return banned
 
 
 @torch.inference_mode()
@@ -128,8 +132,8 @@ def _constrained(logits, seqs, t, cfg):
     if t == cfg.max_len - 1:
         logp[:, :] = float("-inf")
         logp[:, END] = 0.0                      # out of room: close every beam here
-    if cfg.block_trigrams:
-        logp[_banned_trigrams(seqs, logp.shape[1])] = float("-inf")
+    if cfg.block_trigrams and seqs.shape[1] >= 3:
+        logp[_trigram_repeats(seqs)] = float("-inf")     # by index: no [N, V] mask built at every step
     return logp
 
 
