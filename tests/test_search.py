@@ -151,8 +151,8 @@ def test_the_first_step_runs_one_row_a_photo_and_finished_photos_leave_by_swappi
     counting = CountingDecoder(captioner.decoder)
     together = beam_search(counting, feats, cfg)
     assert counting.rows[0] == 8 and counting.rows[1] == 8 * 4 and all(r % 4 == 0 for r in counting.rows[1:])
-    assert len(set(counting.rows)) > 3                     # photos left at different steps
-    reverse = beam_search(captioner.decoder, feats.flip(0), cfg)[::-1]
+    assert min(counting.rows[1:]) < 8 * 4                  # a photo left while others went on: in one of the two
+    reverse = beam_search(captioner.decoder, feats.flip(0), cfg)[::-1]   # orders it was not the last one
     pairs = [h for i in range(0, 8, 2) for h in beam_search(captioner.decoder, feats[i:i + 2], cfg)]
     for a, b, c in zip(together, reverse, pairs):
         assert [h.tokens for h in a] == [h.tokens for h in b] == [h.tokens for h in c]
