@@ -187,6 +187,7 @@ def default_side_by_side(folder, base, rounds, tmp):
 
 
 def print_side_by_side(folder, base, rounds, tmp):
+    import statistics
     from captioning.search import SearchConfig
     cfg = SearchConfig()
     runs, same = default_side_by_side(folder, base, rounds, tmp)
@@ -196,6 +197,9 @@ def print_side_by_side(folder, base, rounds, tmp):
     table(f"`caption DIR --no-png --jsonl FILE`, {n} Flickr8k photos, the default search (beam {cfg.rerank_pool}, "
           f"mirror {cfg.mirror}, re-ranked {cfg.rerank}), images/s, {rounds} rounds alternated; same first caption: "
           f"{same}/{n}", ["checkout", "img/s (median)", "each round", "vs before"], rows)
+    paired = [now / before for before, now in zip(runs[0][2], runs[1][2])]
+    print(f"\nEach round's own ratio, now / before (the two ran next to each other): "
+          f"{', '.join(f'{x:.2f}x' for x in paired)}; median {statistics.median(paired):.2f}x")
 
 
 def main():
