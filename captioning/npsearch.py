@@ -126,7 +126,7 @@ def keep_order(going, n):
 def keep(going, n, width, k, fixed):
     """(new order, image-only state for it, K rows an image), as search._keep: one row repeated K times after
     the first step; later a finished image's place taken by a going one from the tail, and the tail cut."""
-    if width == 1:
+    if width < k:
         return going, {key: np.repeat(v[going], k, 0) for key, v in fixed.items()}
     order = keep_order(going, n)
     if len(order) == n:

@@ -97,7 +97,7 @@ def _keep(going, n, width, k, fixed):
     each. After the first step each image's one row is repeated K times. Later, images that finished leave
     by moving the last going images' rows into their places and cutting the tail: K rows copied per image
     that leaves, where taking the going rows would copy every row of these largest tensors at every step."""
-    if width == 1:
+    if width < k:                        # the first step's one row a photo (K 1: the swaps below)
         index = torch.tensor(going, device=_device(fixed)).repeat_interleave(k)
         return going, {key: v.index_select(0, index) for key, v in fixed.items()}
     order = keep_order(going, n)
