@@ -15,11 +15,18 @@ mobilenet_v2 + soft attention, beam 3):
 The caption_files figures are timed in this process after the model is loaded (the command adds its ~4 s
 start). Targets (issue 15): --no-png >= 0.8x the compute stages; with PNGs >= 3x today's code.
 
-    python -m bench.caption_folder            # 500 photos, ~4 min on 2 cores
-    python -m bench.caption_folder --n 100    # a quick look
+The default search, side by side (issue 25: the new default >= 1.3x the old one's rate): `caption DIR --no-png
+--jsonl FILE` with the default search in a fresh process for each checkout in turn, this one and --base (a
+checkout of DEFAULT_BEFORE, e.g. `git worktree add /tmp/speed-base 0a24c2a`), alternated for --rounds rounds
+(the median of each), timed after the model is loaded, with how many photos got the same first caption.
+
+    python -m bench.caption_folder                                   # 500 photos, ~4 min on 2 cores
+    python -m bench.caption_folder --n 100                           # a quick look
+    python -m bench.caption_folder --base /tmp/speed-base --default-only --n 300 --rounds 3
 """
 import argparse
 import contextlib
+import json
 import sys
 import tempfile
 import time
@@ -32,6 +39,34 @@ from bench.common import flickr_images, header, module_at, table
 # here would cost every drawer seconds of CPU that the command does not pay.
 
 BEFORE = "c2c9293"   # the commit before issue 15
+DEFAULT_BEFORE = "0a24c2a"   # the default search before issue 25's speed work
+
+# One `caption DIR --no-png --jsonl FILE` in a fresh process on the checkout argv[1]: prints images/s and
+# writes the first captions to argv[4]. A few photos first, so that both checkouts find the encoder's
+# calibration remembered in the shared workdir and neither pays for it in the timing.
+ONE_RUN = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+try:
+    from captioning.inference.captioner import Captioner, caption_files
+    from captioning.results.outputs import OutputConfig
+    from captioning.config import SearchConfig
+except ImportError:   # a checkout from before the sub-packages
+    from captioning.captioner import Captioner, caption_files
+    from captioning.outputs import OutputConfig
+    from captioning.search import SearchConfig
+root, folder, workdir, out = sys.argv[1:5]
+captioner = Captioner.load("default", device="cpu")
+photos = sorted(Path(folder).iterdir())
+caption_files(captioner, photos[:4], SearchConfig(), OutputConfig(png=False, jsonl=out + ".warm"), workdir=workdir)
+t0 = time.perf_counter()
+results = caption_files(captioner, [folder], SearchConfig(), OutputConfig(png=False, jsonl=out + ".jsonl"),
+                        workdir=workdir)
+rate = len(results) / (time.perf_counter() - t0)
+Path(out).write_text(json.dumps({r.image: r.captions[0] for r in results}))
+print(rate)
+"""
 
 
 def folder_of(photos, root):
@@ -138,6 +173,41 @@ def folder_runs(captioner, folder, cfg, tmp):
     return out
 
 
+def default_side_by_side(folder, base, rounds, tmp):
+    """[(label, median images/s, [each round's])] of the default search in fresh processes, this checkout and
+    `base` alternated, and the number of photos whose first caption is the same in both."""
+    import statistics
+    import subprocess
+    from bench.common import ROOT
+    rates, captions = {"base": [], "now": []}, {}
+    for r in range(rounds):
+        for side, root in (("base", base), ("now", ROOT)) if r % 2 == 0 else (("now", ROOT), ("base", base)):
+            out = tmp / f"{side}{r}.json"
+            proc = subprocess.run([sys.executable, "-c", ONE_RUN, str(root), str(folder), str(tmp / "wd"), str(out)],
+                                  capture_output=True, text=True, check=True)
+            rates[side].append(float(proc.stdout.strip().splitlines()[-1]))
+            captions[side] = json.loads(out.read_text())
+    same = sum(captions["base"][k] == captions["now"].get(k) for k in captions["base"])
+    return [(f"the default search at {DEFAULT_BEFORE} ({base})", statistics.median(rates["base"]), rates["base"]),
+            ("the default search now", statistics.median(rates["now"]), rates["now"])], same
+
+
+def print_side_by_side(folder, base, rounds, tmp):
+    import statistics
+    from captioning.config import SearchConfig
+    cfg = SearchConfig()
+    runs, same = default_side_by_side(folder, base, rounds, tmp)
+    n = len(list(folder.iterdir()))
+    rows = [[label, f"{rate:.1f}", ", ".join(f"{x:.1f}" for x in each), f"{rate / runs[0][1]:.2f}x"]
+            for label, rate, each in runs]
+    table(f"`caption DIR --no-png --jsonl FILE`, {n} Flickr8k photos, the default search (beam {cfg.rerank_pool}, "
+          f"mirror {cfg.mirror}, re-ranked {cfg.rerank}), images/s, {rounds} rounds alternated; same first caption: "
+          f"{same}/{n}", ["checkout", "img/s (median)", "each round", "vs before"], rows)
+    paired = [now / before for before, now in zip(runs[0][2], runs[1][2])]
+    print(f"\nEach round's own ratio, now / before (the two ran next to each other): "
+          f"{', '.join(f'{x:.2f}x' for x in paired)}; median {statistics.median(paired):.2f}x")
+
+
 def main():
     from bench.extract_speed import limit
     from captioning.results import render  # noqa: F401 (today() swaps it for the old one)
@@ -147,9 +217,18 @@ def main():
     from captioning.config import SearchConfig
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--base", help=f"a checkout of {DEFAULT_BEFORE}: time its default search beside this one's")
+    ap.add_argument("--rounds", type=int, default=3, help="side-by-side rounds (each checkout once a round)")
+    ap.add_argument("--default-only", action="store_true", help="only the side-by-side default search")
     args = ap.parse_args()
     header("caption_folder")
     photos = flickr_images()[-args.n:]
+    if args.base:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_side_by_side(folder_of(photos, Path(tmp) / "library"), Path(args.base).resolve(), args.rounds,
+                               Path(tmp))
+    if args.default_only:
+        return
     cfg = SearchConfig(beam_size=3, mirror=False, rerank=False)   # as the old code searches: one reading, beam 3
     captioner = Captioner.load("default", device="cpu")
     trunk, transform = captioner.encoder()

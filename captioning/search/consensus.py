@@ -83,20 +83,45 @@ class Memory:
     def rerank(self, beams, pooled, k):
         """Each image's hypotheses (a list, best first) reordered by CIDEr-D against the captions of its `k`
         nearest training photos; equal scores keep the model's order."""
-        cider, out = self.cider(), []
-        for hyps, rows in zip(beams, self.neighbours(pooled, k)):
-            refs = [v for r in rows.tolist() for v in cider.reference(r, self.references(r))]
-            scores = cider.score_all([h.tokens for h in hyps], refs).tolist()
-            out.append([hyps[i] for i in sorted(range(len(hyps)), key=lambda i: -scores[i])])
-        return out
+        cider, neighbours = self.cider(), self.neighbours(pooled, k)
+        scores = self._batch_scores(cider, beams, neighbours) if beams and any(beams) else None
+        if scores is None:   # a word or a vocabulary the integer keys cannot hold: one image at a time
+            scores = []
+            for hyps, rows in zip(beams, neighbours):
+                refs = [v for r in rows.tolist() for v in cider.reference(r, self.references(r))]
+                scores.append(cider.score_all([h.tokens for h in hyps], refs))
+        return [[hyps[i] for i in sorted(range(len(hyps)), key=lambda i: -s[i])] for hyps, s in zip(beams, scores)]
+
+    def _batch_scores(self, cider, beams, neighbours):
+        """rerank_scores for the whole batch: every image's candidates against its neighbours' captions,
+        the reference n-grams counted in numpy instead of one Python dictionary per caption."""
+        order, bounds = self._by_photo
+        caps = [order[bounds[r]:bounds[r + 1]] for r in neighbours.reshape(-1).tolist()]
+        per_image = np.array([sum(len(c) for c in caps[i * neighbours.shape[1]:(i + 1) * neighbours.shape[1]])
+                              for i in range(len(beams))])
+        spans = self._spans[np.concatenate(caps)]
+        ref_len = spans[:, 1] - spans[:, 0]
+        refs = (self.captions[_flatten(spans[:, 0], ref_len)], ref_len)
+        tokens = [h.tokens for hyps in beams for h in hyps]
+        cand_len = np.array([len(t) for t in tokens], np.int64)
+        cands = (np.fromiter((w for t in tokens for w in t), np.int64, int(cand_len.sum())), cand_len)
+        c_end, r_end = np.cumsum([len(h) for h in beams]), np.cumsum(per_image)
+        groups = [(np.arange(c_end[i] - len(h), c_end[i]), np.arange(r_end[i] - per_image[i], r_end[i]))
+                  for i, h in enumerate(beams)]
+        if any(len(c) == 0 for c, _ in groups):
+            return None
+        return rerank_scores(cider, cands, refs, groups)
 
 
 class _Frequencies:
     """Document frequencies of word-id n-grams as CiderD reads them (df[gram], 0 when unseen), kept under
     integer keys: (w1 + 1) * base**(n-1) + ... + (wn + 1), so that n-grams of any length never collide."""
 
-    def __init__(self, table, base):
+    def __init__(self, table, base, keys=None, counts=None):
         self.table, self.base = table, base
+        # The same as sorted arrays, for the re-ranking's lookups in numpy (rerank_scores).
+        self.keys = np.array(sorted(table), np.int64) if keys is None else keys
+        self.counts = np.array([table[k] for k in self.keys.tolist()], np.int64) if counts is None else counts
 
     def __getitem__(self, gram):
         key = 0
@@ -119,7 +144,7 @@ def document_frequencies(captions, owner, n_max=N_MAX):
         return _Frequencies({}, base)
     is_end = flat == END
     photo = owner.astype(np.int64)[np.concatenate([[0], np.cumsum(is_end)[:-1]])]    # the photo of each position
-    table = {}
+    table, keys, counts = {}, [], []
     for n in range(1, n_max + 1):
         width = len(flat) - n + 1
         if width <= 0:
@@ -132,9 +157,97 @@ def document_frequencies(captions, owner, n_max=N_MAX):
         key, ph = key[order], ph[order]
         first = np.ones(len(key), bool)                       # each (n-gram, photo) pair once
         first[1:] = (key[1:] != key[:-1]) | (ph[1:] != ph[:-1])
-        grams, counts = np.unique(key[first], return_counts=True)
-        table.update(zip(grams.tolist(), counts.tolist()))
-    return _Frequencies(table, base)
+        grams, count = np.unique(key[first], return_counts=True)
+        table.update(zip(grams.tolist(), count.tolist()))
+        keys.append(grams)
+        counts.append(count)
+    # Longer n-grams have larger keys (one more digit, none 0), so keys in order of n are sorted.
+    return _Frequencies(table, base, np.concatenate(keys or [np.zeros(0, np.int64)]),
+                        np.concatenate(counts or [np.zeros(0, np.int64)]))
+
+
+def _grams(flat, lengths, base):
+    """CiderD's n-grams of sequences (their word ids one after another in `flat`, `lengths` [S]), all at
+    once: (sequence [E], n - 1 [E], key [E] as _Frequencies keys them, count in its sequence [E]), one entry per
+    distinct n-gram of each sequence, ordered by sequence then n. None when a word lies outside the keys'
+    range (the caller scores those the slow way)."""
+    flat = flat.astype(np.int64)
+    if len(flat) and (flat.min() < 0 or flat.max() >= base - 1):
+        return None
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    pos = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)   # position in its sequence
+    parts, key = [], np.zeros(len(flat), np.int64)
+    for n in range(N_MAX):
+        inside = pos[:len(flat) - n] + n < lengths[owner[:len(flat) - n]]           # the n-gram fits
+        key = key[:len(flat) - n] * base + flat[n:] + 1
+        parts.append((owner[:len(flat) - n][inside], np.full(int(inside.sum()), n), key[inside]))
+    seq, n, key = (np.concatenate(x) for x in zip(*parts))
+    order = np.lexsort((key, n, seq))
+    seq, n, key = seq[order], n[order], key[order]
+    first = np.ones(len(key), bool)
+    first[1:] = (key[1:] != key[:-1]) | (seq[1:] != seq[:-1])        # keys never collide across n
+    starts = np.flatnonzero(first)
+    return seq[starts], n[starts], key[starts], np.diff(np.append(starts, len(key)))
+
+
+def _weights(grams, count, df, log_n):
+    """tf-idf weights [E] and norms [S, N_MAX] of `grams` (from _grams) of `count` sequences."""
+    seq, n, key, tf = grams
+    at = np.minimum(np.searchsorted(df.keys, key), max(len(df.keys) - 1, 0))
+    freq = np.where(df.keys[at] == key, df.counts[at], 0) if len(df.keys) else np.zeros(len(key))
+    w = tf * (log_n - np.log(np.maximum(1.0, freq)))
+    norms = np.zeros((count, N_MAX))
+    np.add.at(norms, (seq, n), w * w)
+    return w, np.sqrt(norms)
+
+
+def _flatten(starts, lengths):
+    """Indices of the spans [starts, starts + lengths) one after another."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths - starts, lengths)
+
+
+def rerank_scores(cider, cands, refs, groups):
+    """CIDEr-D of every image's candidates against its references, as CiderD.score_all gives them (to float
+    rounding), in numpy for the whole batch: cands and refs are (flat word ids, lengths [C] / [R]); groups
+    [(candidate rows, reference rows)] per image, each row in one group. None where the keys cannot hold
+    the words or the batch, or CiderD keeps its own frequencies (then score_all's turn)."""
+    df = cider.df
+    if not isinstance(df, _Frequencies) or df.base ** N_MAX * len(groups) >= 2 ** 62:
+        return None
+    base, cl, rl = df.base, cands[1], refs[1]
+    cg, rg = _grams(*cands, base), _grams(*refs, base)
+    if cg is None or rg is None:
+        return None
+    (cw, cnorm), (rw, rnorm) = _weights(cg, len(cl), df, cider.log_n), _weights(rg, len(rl), df, cider.log_n)
+    c_img, r_img = np.zeros(len(cl), np.int64), np.zeros(len(rl), np.int64)
+    for i, (c_rows, r_rows) in enumerate(groups):
+        c_img[c_rows], r_img[r_rows] = i, i
+    # Each image's distinct candidate n-grams, and the weight each of its candidates gives them (0: absent).
+    ckey = c_img[cg[0]] * base ** N_MAX + cg[2]
+    uniq, u = np.unique(ckey, return_inverse=True)
+    slot = np.zeros(len(cl), np.int64)
+    for c_rows, _ in groups:
+        slot[c_rows] = np.arange(len(c_rows))
+    width = max(len(c) for c, _ in groups)
+    table = np.zeros((len(uniq), width))
+    table[u, slot[cg[0]]] = cw
+    # Every reference n-gram that one of its image's candidates holds: min(candidate, reference) * reference.
+    rkey = r_img[rg[0]] * base ** N_MAX + rg[2]
+    at = np.minimum(np.searchsorted(uniq, rkey), len(uniq) - 1)
+    hit = uniq[at] == rkey
+    contrib = np.minimum(table[at[hit]], rw[hit, None]) * rw[hit, None]              # [hits, width]
+    val = np.zeros((len(rl) * N_MAX, width))
+    np.add.at(val, rg[0][hit] * N_MAX + rg[1][hit], contrib)
+    val = val.reshape(len(rl), N_MAX, width)
+    scores = []
+    for c_rows, r_rows in groups:
+        v = val[r_rows][:, :, :len(c_rows)].transpose(2, 0, 1)                         # [C, R, N]
+        norms = cnorm[c_rows][:, None, :] * rnorm[r_rows][None]
+        lengths = np.maximum(cl[c_rows] - 1, 0)[:, None] - np.maximum(rl[r_rows] - 1, 0)[None]   # bigrams
+        penalty = np.exp(-lengths ** 2 / (2 * cider.sigma ** 2))
+        total = (v / np.where(norms != 0, norms, 1)).sum(-1) * penalty
+        scores.append(10.0 * (total / N_MAX).sum(1) / max(len(r_rows), 1))
+    return scores
 
 
 def build_memory(pooled, captions, dim=DIM):

@@ -29,14 +29,17 @@ class Hypothesis:
     alphas: object = None          # [len, cells] attention per emitted word (tensor or array), attention decoders
 
 
+def trigram_repeats(seqs):
+    """(rows, words): each word that would repeat a trigram already in its row of `seqs` [N, T]."""
+    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
+    return np.nonzero(match)[0], seqs[:, 2:][match]
+
+
 def banned_trigrams(seqs, vocab_size):
     """Mask [N, V] of words that would repeat a trigram already in each sequence."""
-    n, t = seqs.shape
-    banned = np.zeros((n, vocab_size), dtype=bool)
-    if t >= 3:
-        match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
-        rows = np.nonzero(match)[0]
-        banned[rows, seqs[:, 2:][match]] = True
+    banned = np.zeros((seqs.shape[0], vocab_size), dtype=bool)
+    if seqs.shape[1] >= 3:
+        banned[trigram_repeats(seqs)] = True
     return banned
 
 
@@ -49,8 +52,8 @@ def constrained(logp, seqs, t, cfg):
     if t == cfg.max_len - 1:
         logp[:, :] = NEG_INF
         logp[:, END] = 0.0
-    if cfg.block_trigrams:
-        logp[banned_trigrams(seqs, logp.shape[1])] = NEG_INF
+    if cfg.block_trigrams and seqs.shape[1] >= 3:
+        logp[trigram_repeats(seqs)] = NEG_INF            # by index: no [N, V] mask built at every step
     return logp
 
 
@@ -67,28 +70,30 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
     """Per image, up to `cfg.num_captions` Hypothesis, best first, distinct in words."""
     b, k = features.shape[0], max(1, cfg.beam_size)
     k_kept = max(k, cfg.num_captions)
-    state = {key: np.repeat(v, k, 0) for key, v in decoder.init_state(features).items()}
+    state = dict(decoder.init_state(features))
     fixed = {key: state.pop(key) for key in decoder.per_image if key in state}   # never reordered
-    tokens = np.full(b * k, START, dtype=np.int64)
-    scores = np.full((b, k), NEG_INF, dtype=np.float32)
-    scores[:, 0] = 0.0                          # all beams start equal: keep one so results are not K copies
-    seqs = np.zeros((b * k, 0), dtype=np.int64)
-    alphas = None
+    tokens = np.full(b, START, dtype=np.int64)   # the first step: one row per image (all K beams start alike)
+    scores = np.zeros((b, 1), dtype=np.float32)
+    seqs = np.zeros((b, 0), dtype=np.int64)
+    width, alphas = 1, None
     finished = [[] for _ in range(b)]
     active = list(range(b))
     for t in range(cfg.max_len):
         n = len(active)
         logp, new, alpha = decoder.step(tokens, {**state, **fixed})
-        state.update(new)
+        state.update({key: v for key, v in new.items() if key not in fixed})
         logp = constrained(logp, seqs, t, cfg)
         vocab = logp.shape[1]
         if keep_alphas and alpha is not None:
             alphas = alpha[:, None] if alphas is None else np.concatenate([alphas, alpha[:, None]], 1)
-        top_scores, top_idx = topk((scores.reshape(-1, 1) + logp).reshape(n, k * vocab), 2 * k)
-        beam, word = top_idx // vocab, top_idx % vocab
+        total = (scores.reshape(-1, 1) + logp).reshape(n, width * vocab)
+        if total.shape[1] < 2 * k:              # a vocabulary smaller than 2K on the first step
+            total = np.concatenate([total, np.full((n, 2 * k - total.shape[1]), NEG_INF, np.float32)], 1)
+        top_scores, top_idx = topk(total, 2 * k)
+        beam, word = np.minimum(top_idx // vocab, width - 1), top_idx % vocab
         is_end = (word == END) & np.isfinite(top_scores)
         for i, j in np.argwhere(is_end[:, :k]):
-            row, s = i * k + int(beam[i, j]), float(top_scores[i, j])
+            row, s = i * width + int(beam[i, j]), float(top_scores[i, j])
             finished[active[i]].append(Hypothesis(seqs[row].tolist(), s, s / (t + 1) ** cfg.length_alpha,
                                                   alphas[row] if alphas is not None else None))
         sel_beam, sel_word, sel_scores = going_on(is_end, beam, word, top_scores, k)
@@ -96,18 +101,42 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         going = [i for i in range(n) if not done(finished[active[i]], best_live[i], k_kept, t, cfg)]
         if not going:
             break
-        pick = np.array(going)
+        order, fixed = keep(going, n, width, k, fixed)
+        pick = np.array(order)
         if len(going) < n:
             sel_beam, sel_word, sel_scores = sel_beam[pick], sel_word[pick], sel_scores[pick]
-            fixed = {key: v.reshape(n, k, *v.shape[1:])[pick].reshape(-1, *v.shape[1:]) for key, v in fixed.items()}
-            active = [active[i] for i in going]
-        rows = (pick[:, None] * k + sel_beam).reshape(-1)
+            active = [active[i] for i in order]
+        rows = (pick[:, None] * width + sel_beam).reshape(-1)
         state = {key: v[rows] for key, v in state.items()}
         seqs = np.concatenate([seqs[rows], sel_word.reshape(-1, 1)], 1)
         if alphas is not None:
             alphas = alphas[rows]
-        tokens, scores = sel_word.reshape(-1), sel_scores
+        tokens, scores, width = sel_word.reshape(-1), sel_scores, k
     return [best_distinct(f, cfg.num_captions) for f in finished]
+
+
+def keep_order(going, n):
+    """The batch positions of the `going` images (of `n`) in their new order: those in the first len(going)
+    places stay, and the rest move into the places of the finished ones there."""
+    m, kept = len(going), set(going)
+    movers = iter(p for p in going if p >= m)
+    return [p if p in kept else next(movers) for p in range(m)]
+
+
+def keep(going, n, width, k, fixed):
+    """(new order, image-only state for it, K rows an image), as search._keep: one row repeated K times after
+    the first step; later a finished image's place taken by a going one from the tail, and the tail cut."""
+    if width < k:
+        return going, {key: np.repeat(v[going], k, 0) for key, v in fixed.items()}
+    order = keep_order(going, n)
+    if len(order) == n:
+        return order, fixed
+    moves = [(i, p) for i, p in enumerate(order) if i != p]
+    if moves:
+        dst, src = ((np.array(ends)[:, None] * k + np.arange(k)).reshape(-1) for ends in zip(*moves))
+        for v in fixed.values():
+            v[dst] = v[src]
+    return order, {key: v[:len(order) * k] for key, v in fixed.items()}
 
 
 def going_on(is_end, beam, word, top_scores, k):

@@ -12,18 +12,23 @@ import torch
 from captioning.config import SearchConfig
 from captioning.search.consensus import candidates
 # The pure-Python parts are shared with the numpy search of the ONNX runtime, so both decide alike.
-from captioning.search.numpy_search import DIVERSE_SAMPLES, Hypothesis, best_distinct, done, fill_nbest, pick_diverse
+from captioning.search.numpy_search import (DIVERSE_SAMPLES, Hypothesis, best_distinct, done, fill_nbest, keep_order,
+                                             pick_diverse)
 from captioning.data.vocab import END, PAD, START, UNK
+
+
+def _trigram_repeats(seqs):
+    """(rows, words): each word that would repeat a trigram already in its row of `seqs` [N, T]."""
+    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
+    return match.nonzero(as_tuple=True)[0], seqs[:, 2:][match]
 
 
 def _banned_trigrams(seqs, vocab_size):
     """Mask [N, V] of words that would repeat a trigram already in each sequence."""
-    n, t = seqs.shape
-    if t < 3:
-        return torch.zeros(n, vocab_size, dtype=torch.bool, device=seqs.device)
-    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])   # earlier (a, b) == last two
-    counts = torch.zeros(n, vocab_size, device=seqs.device).scatter_add_(1, seqs[:, 2:], match.float())
-    return counts > 0
+    banned = torch.zeros(seqs.shape[0], vocab_size, dtype=torch.bool, device=seqs.device)
+    if seqs.shape[1] >= 3:
+        banned[_trigram_repeats(seqs)] = True
+    return banned
 
 
 @torch.inference_mode()
@@ -32,13 +37,12 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
     b, k = features.shape[0], max(1, cfg.beam_size)
     k_kept = max(k, cfg.num_captions)          # finished hypotheses to collect before an image is done
     device = features.device
-    state = {key: v.repeat_interleave(k, 0) for key, v in decoder.init_state(features).items()}
+    state = decoder.init_state(features)
     # What depends on the image alone (the grid and its attention keys) is the same for an image's K beams,
-    # and beams never move between images: it is set aside once instead of being copied at every step as
-    # the beams are reordered (attention decoder, beam 3, 1,000 images at once: 79.5 against 52.9 images/s;
-    # bench/beam_speed.py).
+    # and beams never move between images: it is set aside instead of being reordered with the beams.
     fixed = {key: state.pop(key) for key in getattr(decoder, "per_image", ()) if key in state}
-    tokens, scores, seqs = _start(b, k, device)
+    # All K beams start from <start> alike, so the first step runs one row per image (`width` 1), not K.
+    tokens, scores, seqs, width = _start(b, device)
     alphas = None
     finished = [[] for _ in range(b)]
     # Images still searching, as indices into `finished`. A finished image leaves the batch at once, so the
@@ -55,11 +59,13 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         if keep_alphas and alpha is not None:
             alphas = alpha.unsqueeze(1) if alphas is None else torch.cat([alphas, alpha.unsqueeze(1)], 1)
 
-        total = (scores.view(-1, 1) + logp).view(n, k * vocab)
+        total = (scores.view(-1, 1) + logp).view(n, width * vocab)
+        if total.shape[1] < 2 * k:              # a vocabulary smaller than 2K on the first step
+            total = torch.cat([total, total.new_full((n, 2 * k - total.shape[1]), float("-inf"))], 1)
         top_scores, top_idx = total.topk(2 * k, dim=1)     # 2K: enough for K to go on after any <end>s
-        beam, word = top_idx // vocab, top_idx % vocab
+        beam, word = (top_idx // vocab).clamp_(max=width - 1), top_idx % vocab
         is_end = (word == END) & torch.isfinite(top_scores)
-        for i, hyp in _ended(is_end, beam, top_scores, seqs, alphas, t, k, cfg):
+        for i, hyp in _ended(is_end, beam, top_scores, seqs, alphas, t, width, cfg):
             finished[active[i]].append(hyp)
         sel_beam, sel_word, sel_scores = _going_on(is_end, beam, word, top_scores, k)
 
@@ -70,30 +76,50 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
         going = [i for i in range(n) if not done(finished[active[i]], best_live[i], k_kept, t, cfg)]
         if not going:
             break
-        # One reordering does both: each going image's beams take their chosen parents' state.
+        order, fixed = _keep(going, n, width, k, fixed)
+        pick = torch.tensor(order, device=device)
         if len(going) < n:
-            pick = torch.tensor(going, device=device)
             sel_beam, sel_word, sel_scores = sel_beam[pick], sel_word[pick], sel_scores[pick]
-            fixed = {key: v.view(n, k, *v.shape[1:])[pick].flatten(0, 1) for key, v in fixed.items()}
-            active = [active[i] for i in going]
-        else:
-            pick = torch.arange(n, device=device)
-        rows = (pick.unsqueeze(1) * k + sel_beam).view(-1)
+            active = [active[i] for i in order]
+        # One reordering does both: each going image's beams take their chosen parents' state.
+        rows = (pick.unsqueeze(1) * width + sel_beam).view(-1)
         state = {key: v.index_select(0, rows) for key, v in state.items()}
         seqs = torch.cat([seqs.index_select(0, rows), sel_word.view(-1, 1)], 1)
         if alphas is not None:
             alphas = alphas.index_select(0, rows)
-        tokens, scores = sel_word.view(-1), sel_scores
+        tokens, scores, width = sel_word.view(-1), sel_scores, k
 
     return [best_distinct(f, cfg.num_captions) for f in finished]
 
 
-def _start(b, k, device):
-    """The first step's input: <start> for every beam, scores [B, K], empty sequences [B*K, 0]."""
-    scores = torch.full((b, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0                          # all beams start equal: keep one so results are not K copies
-    return (torch.full((b * k,), START, dtype=torch.long, device=device), scores,
-            torch.zeros(b * k, 0, dtype=torch.long, device=device))
+def _keep(going, n, width, k, fixed):
+    """The batch positions of the going images in their new order, and the image-only state for them, K rows
+    each. After the first step each image's one row is repeated K times. Later, images that finished leave
+    by moving the last going images' rows into their places and cutting the tail: K rows copied per image
+    that leaves, where taking the going rows would copy every row of these largest tensors at every step."""
+    if width < k:                        # the first step's one row a photo (K 1: the swaps below)
+        index = torch.tensor(going, device=_device(fixed)).repeat_interleave(k)
+        return going, {key: v.index_select(0, index) for key, v in fixed.items()}
+    order = keep_order(going, n)
+    if len(order) == n:
+        return order, fixed
+    moves = [(i, p) for i, p in enumerate(order) if i != p]
+    if moves:
+        dst, src = (torch.tensor([r * k + j for r in ends for j in range(k)], device=_device(fixed))
+                    for ends in zip(*moves))
+        for v in fixed.values():
+            v.index_copy_(0, dst, v.index_select(0, src))
+    return order, {key: v[:len(order) * k] for key, v in fixed.items()}
+
+
+def _device(tensors):
+    return next(iter(tensors.values())).device if tensors else None
+
+
+def _start(b, device):
+    """The first step's input: <start> for each image's single row, scores [B, 1], empty sequences, width 1."""
+    return (torch.full((b,), START, dtype=torch.long, device=device), torch.zeros(b, 1, device=device),
+            torch.zeros(b, 0, dtype=torch.long, device=device), 1)
 
 
 def _constrained(logits, seqs, t, cfg):
@@ -106,15 +132,17 @@ def _constrained(logits, seqs, t, cfg):
     if t == cfg.max_len - 1:
         logp[:, :] = float("-inf")
         logp[:, END] = 0.0                      # out of room: close every beam here
-    if cfg.block_trigrams:
-        logp[_banned_trigrams(seqs, logp.shape[1])] = float("-inf")
+    if cfg.block_trigrams and seqs.shape[1] >= 3:
+        logp[_trigram_repeats(seqs)] = float("-inf")     # by index: no [N, V] mask built at every step
     return logp
 
 
-def _ended(is_end, beam, top_scores, seqs, alphas, t, k, cfg):
-    """(image index in the batch, Hypothesis) for each <end> among an image's top K candidates."""
+def _ended(is_end, beam, top_scores, seqs, alphas, t, width, cfg):
+    """(image index in the batch, Hypothesis) for each <end> among an image's top K candidates (`width` rows
+    an image)."""
+    k = is_end.shape[1] // 2
     for i, j in is_end[:, :k].nonzero().tolist():
-        row = i * k + int(beam[i, j])
+        row = i * width + int(beam[i, j])
         length = t + 1                                      # words plus <end>
         yield i, Hypothesis(seqs[row].tolist(), float(top_scores[i, j]),
                             float(top_scores[i, j]) / length ** cfg.length_alpha,

@@ -154,3 +154,25 @@ def test_a_vocabulary_too_large_for_integer_keys_still_reranks(monkeypatch):
     pooled, captions, centres = two_kinds()
     m = build_memory(pooled, captions, dim=8)
     assert [h.tokens for h in m.rerank([[hyp(MAN, -1.0), hyp(DOG, -2.0)]], centres[:1], 10)[0]] == [DOG, MAN]
+
+
+def test_the_whole_batch_is_scored_as_score_all_scores_each_photo():
+    """rerank scores every photo's candidates against its neighbours' captions in one numpy pass over the batch:
+    the same scores as CiderD.score_all one photo at a time (to float rounding), candidates of any length and
+    repeated words included, and a candidate with a word the memory never saw still scored (the slow way)."""
+    rng = np.random.default_rng(2)
+    captions = [[rng.integers(4, 30, rng.integers(1, 12)).tolist() for _ in range(rng.integers(1, 6))]
+                for _ in range(80)]
+    m = build_memory(rng.normal(size=(80, 8)), captions, dim=6)
+    pooled = rng.normal(size=(7, 8)).astype(np.float32)
+    beams = [[hyp(rng.integers(4, 30, rng.integers(1, 14)).tolist()) for _ in range(rng.integers(1, 8))]
+             for _ in range(7)]
+    beams[0].append(hyp([5, 5, 5, 5, 5, 5]))
+    cider, rows = m.cider(), m.neighbours(pooled, 9)
+    batch = m._batch_scores(cider, beams, rows)
+    for hyps, near, scores in zip(beams, rows, batch):
+        refs = [v for r in near.tolist() for v in cider.reference(r, m.references(r))]
+        assert np.allclose(scores, cider.score_all([h.tokens for h in hyps], refs), rtol=1e-12, atol=1e-12)
+        assert np.ptp(scores) > 0 or len(hyps) == 1
+    assert m._batch_scores(cider, [[hyp([4, 10 ** 5])]], rows[:1]) is None        # beyond the keys: one by one
+    assert len(m.rerank([[hyp([4, 10 ** 5]), hyp([4, 5])]], pooled[:1], 9)[0]) == 2

@@ -77,17 +77,18 @@ def test_a_finished_image_leaves_the_batch():
     counting = CountingDecoder(captioner.decoder)
     batched = beam_search(counting, feats, cfg, keep_alphas=True)
     batched_rows, steps = sum(counting.rows), len(counting.rows)
-    single_steps = []
+    single_steps, single_rows = [], 0
     for i in range(len(feats)):
         counting.rows = []
         single = beam_search(counting, feats[i:i + 1], cfg, keep_alphas=True)[0]
         single_steps.append(len(counting.rows))
+        single_rows += sum(counting.rows)
         assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
         for a, b in zip(single, batched[i]):
             assert abs(a.score - b.score) < 1e-4
             assert torch.allclose(a.alphas, b.alphas, atol=1e-5)
     assert steps == max(single_steps) and min(single_steps) < steps   # images finish at different steps
-    assert batched_rows == 3 * sum(single_steps)
+    assert batched_rows == single_rows == sum(1 + 3 * (s - 1) for s in single_steps)   # one row a photo first
 
 
 def test_constraints_num_captions_and_attention(attention_model, shapes_data):
@@ -139,3 +140,43 @@ def test_diverse_captions_differ_and_the_first_is_plain_beam_search():
                       for b in d[i + 1:]]
     assert sum(distances) / len(distances) > sum(beam_distances) / len(beam_distances)
     assert sum(d >= MIN_DISTANCE for d in distances) >= len(distances) // 2
+
+
+def test_the_first_step_runs_one_row_a_photo_and_finished_photos_leave_by_swapping():
+    """All K beams start from <start> alike, so the first step runs one decoder row per photo, later ones K; a
+    photo that finishes leaves by a going photo's rows moving into its place. Neither changes any photo's
+    captions: the same whether the photos are searched together, in reverse order or in pairs."""
+    captioner = Captioner.load(BUILTIN, device="cpu")
+    norm = captioner.decoder.norm
+    feats = torch.randn(8, 49, norm.mean.shape[0], generator=torch.Generator().manual_seed(1)) * norm.std + norm.mean
+    cfg = SearchConfig(beam_size=4, num_captions=2)
+    counting = CountingDecoder(captioner.decoder)
+    together = beam_search(counting, feats, cfg)
+    assert counting.rows[0] == 8 and counting.rows[1] == 8 * 4 and all(r % 4 == 0 for r in counting.rows[1:])
+    assert min(counting.rows[1:]) < 8 * 4                  # a photo left while others went on: in one of the two
+    reverse = beam_search(captioner.decoder, feats.flip(0), cfg)[::-1]   # orders it was not the last one
+    pairs = [h for i in range(0, 8, 2) for h in beam_search(captioner.decoder, feats[i:i + 2], cfg)]
+    for a, b, c in zip(together, reverse, pairs):
+        assert [h.tokens for h in a] == [h.tokens for h in b] == [h.tokens for h in c]
+        assert all(abs(x.score - y.score) < 1e-4 for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("runtime", ["torch", "numpy"])
+def test_leaving_photos_keep_the_going_photos_rows(runtime):
+    """The image-only state after some photos finish holds, K rows each, exactly the going photos' rows, in
+    the order the search goes on with; after the first step each photo's single row is repeated K times."""
+    import numpy as np
+    from captioning.search import numpy_search as npsearch
+    from captioning.search import torch_search as search
+    n, k, going = 6, 3, [0, 2, 4, 5]
+    rows = np.arange(n * k * 2, dtype=np.float32).reshape(n * k, 2)
+    if runtime == "torch":
+        keep, wrap, back = search._keep, torch.from_numpy, lambda v: v.numpy()
+    else:
+        keep, wrap, back = npsearch.keep, (lambda v: v), (lambda v: v)
+    order, fixed = keep(going, n, k, k, {"x": wrap(rows.copy())})
+    assert order == [0, 4, 2, 5]           # 0 and 2 stay; 4 and 5 move into finished 1's and 3's places
+    assert (back(fixed["x"]) == rows.reshape(n, k, 2)[order].reshape(-1, 2)).all()
+    order, fixed = keep([1, 3], n, 1, k, {"x": wrap(rows[:n].copy())})
+    assert order == [1, 3] and (back(fixed["x"]) == np.repeat(rows[[1, 3]], k, 0)).all()
+    assert npsearch.keep_order([1, 2], 4) == [2, 1] and npsearch.keep_order([0, 1, 2, 3], 4) == [0, 1, 2, 3]
