@@ -11,7 +11,8 @@ what DDP's gradient all-reduce and the split batches cost, not a speed-up one wo
 Part 2, an estimate, for every registered decoder (models.decoders.DECODERS). The per-step compute of
 the COCO-sized decoder (vocabulary 10,000, ResNet-50's 2,048 channels, default dimensions) is measured
 here on the CPU, divided by an assumed GPU speed-up, and each step adds a ring all-reduce of the fp32
-gradients: 2(N-1)/N × bytes / bandwidth + 2(N-1) × latency, with no overlap with the backward pass (DDP does overlap them: the estimate is an upper bound for this model).
+gradients: 2(N-1)/N × bytes / bandwidth + 2(N-1) × latency, with no overlap with the backward pass
+(DDP does overlap them: the estimate is an upper bound for this model).
 
     python -m bench.distributed_speed                 # ~3 min on 2 cores
     python -m bench.distributed_speed --quick         # ~1 min
