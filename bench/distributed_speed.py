@@ -1,6 +1,6 @@
 """Data-parallel training: 1 vs 2 CPU processes here, and an estimate for 8 GPUs on full COCO.
 
-Part 1, measured. captioning/train.py's own train_epoch on cached Flickr8k features (mobilenet_v2) with
+Part 1, measured. captioning/training/train.py's own train_epoch on cached Flickr8k features (mobilenet_v2) with
 the same global batch, run as
     1 process  × 2 threads   (the whole machine, the tool's default)
     1 process  × 1 thread    (one core: the per-core baseline)
@@ -8,10 +8,11 @@ the same global batch, run as
 This machine has 2 cores: two processes can at best match one process using both cores; the row shows
 what DDP's gradient all-reduce and the split batches cost, not a speed-up one would buy.
 
-Part 2, an estimate. The per-step compute of the COCO-sized decoder (vocabulary 10,000, ResNet-50's 2,048
-channels, default dimensions) is measured here on the CPU, divided by an assumed GPU speed-up, and each step
-adds a ring all-reduce of the fp32 gradients: 2(N-1)/N × bytes / bandwidth + 2(N-1) × latency, with no
-overlap with the backward pass (DDP does overlap them: the estimate is an upper bound for this model).
+Part 2, an estimate, for every registered decoder (models.decoders.DECODERS). The per-step compute of
+the COCO-sized decoder (vocabulary 10,000, ResNet-50's 2,048 channels, default dimensions) is measured
+here on the CPU, divided by an assumed GPU speed-up, and each step adds a ring all-reduce of the fp32
+gradients: 2(N-1)/N × bytes / bandwidth + 2(N-1) × latency, with no overlap with the backward pass
+(DDP does overlap them: the estimate is an upper bound for this model).
 
     python -m bench.distributed_speed                 # ~3 min on 2 cores
     python -m bench.distributed_speed --quick         # ~1 min
@@ -27,10 +28,12 @@ from bench.common import ROOT, header, table
 
 import torch
 
+from captioning.models.decoders import DECODERS
+
 COCO_CAPTIONS = 616_000   # COCO 2014 train+val captions (Karpathy train+restval is ~566k)
 COCO_VOCAB = 10_000       # words seen 5+ times in COCO train (about 9,500-10,000)
 COCO_CHANNELS = 2048      # ResNet-50 features
-ASSUMED = {                # stated assumptions, see the README's "Scaling out"
+ASSUMED = {                # stated assumptions, see bench/README.md (data-parallel)
     "nvlink_GBps": 200.0,  # NCCL all-reduce bus bandwidth within one 8-GPU NVLink node (A100/H100: 200-400)
     "ib_GBps": 25.0,       # per node between nodes: one 200 Gb/s InfiniBand HDR port
     "nvlink_latency_s": 5e-6,
@@ -171,7 +174,7 @@ def main():
     ap.add_argument("--images", type=int, help="Flickr8k train images, 5 captions each (default 600, quick 200)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run; the fastest counts (default 2)")
     ap.add_argument("--batch", type=int, default=32, help="global batch in captions (default 32)")
-    ap.add_argument("--decoder", default="lstm", choices=["lstm", "attention"])
+    ap.add_argument("--decoder", default="lstm", choices=list(DECODERS))
     ap.add_argument("--gpu-batch", type=int, default=64, help="per-GPU batch for the estimate (default 64)")
     ap.add_argument("--speedups", type=float, nargs="+", default=[20, 50, 200],
                     help="assumed GPU speed-ups over this CPU's step (default 20 50 200)")
@@ -202,7 +205,7 @@ def main():
           "masks (with dropout 0 they agree to 1e-7: tests/training/test_distributed.py)")
 
     mean_tokens = r["tokens"] / r["captions"]
-    for name in ("lstm", "attention"):
+    for name in DECODERS:
         estimate(name, args.gpu_batch, mean_tokens, args.speedups)
     print(f"\n# assumptions: {json.dumps(ASSUMED)}; all-reduce not overlapped with backward; data loading and "
           "rank 0's dev scoring not counted")
