@@ -47,10 +47,13 @@ class Result:
     alphas: object = None            # [words, h, w] attention of the best caption, when the decoder has it
     png: str | None = None           # the annotated picture written for it
     attention_png: str | None = None
+    tags: list = field(default_factory=list)    # [{"word", "score"}] best first (grounding.py, concepts.py)
+    confidence: float | None = None  # of the first caption, in [0, 1] (guidance.py)
 
     def to_json(self):
         out = {"image": self.image, "caption": self.captions[0], "captions": self.captions,
-               "scores": [round(s, 4) for s in self.scores], "png": self.png}
+               "scores": [round(s, 4) for s in self.scores], "png": self.png, "tags": self.tags,
+               "confidence": self.confidence}
         return out if self.attention_png is None else {**out, "attention_png": self.attention_png}
 
 

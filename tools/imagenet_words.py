@@ -49,7 +49,8 @@ animal person""".split()
 KINDS = [("person", "person"), ("animal", "animal"), ("fruit", "food"), ("vegetable", "food"),
          ("food", "food"), ("nutriment", "food"), ("beverage", "food"), ("plant", "plant"),
          ("fungus", "plant"), ("flower", "plant"), ("vehicle", "vehicle"), ("craft", "vehicle"),
-         ("structure", "building"), ("geological_formation", "landscape"), ("artifact", "thing")]
+         ("structure", "building"), ("geological_formation", "landscape"), ("clothing", "clothing"),
+         ("footwear", "clothing"), ("artifact", "thing")]
 
 
 def read_nouns(wordnet):

@@ -1,0 +1,135 @@
+"""Grounded search for the torch runtime: the encoder's ImageNet head and the word detectors decide what a
+caption may and must say (guidance.py), and each photo's result carries its tags and a confidence.
+
+Captioner.search calls guided_search when SearchConfig.guidance is on and the model's encoder has its
+ImageNet head (pretrained torchvision weights); otherwise the search is exactly the unguided one.
+"""
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .concepts import PEOPLE, Concepts
+from .grounding import Head, head_arrays, load_classes
+from .guidance import (MODEL_CONFIDENT, Grounding, Guided, bias_rows, choose, fallback_text, finish_text,
+                       plural_fix, proxy_for, word_confidence)
+from .npsearch import Hypothesis
+from .search import diverse_samples, fill_nbest, search
+
+# Kinds of ImageNet class that are no photo's main object in themselves: a jersey is worn by someone.
+NOT_OBJECTS = ("person", "clothing")
+# With a confident object in view, people words need a clearly higher people score than otherwise: such
+# photos are where Flickr8k-trained probes guess people from habit.
+OBJECT_PEOPLE = 0.8
+
+
+class GroundedHyps(list):
+    """One photo's hypotheses, best first, with the Grounding that chose them."""
+    grounding = None
+
+
+class Grounder:
+    def __init__(self, head, concepts, vocab):
+        self.head, self.concepts, self.vocab = head, concepts, vocab
+        self.index = {w: i for i, w in enumerate(vocab.words)}
+        self.people_ids = sorted(self.index[w] for w in concepts.people_words if w in self.index)
+        self.kind = {}
+        for c in head.classes:
+            self.kind.setdefault(c["words"][0], c["kind"])
+
+    @classmethod
+    def for_model(cls, spec, vocab, channels):
+        """The grounder of a model whose encoder has pretrained ImageNet weights with their head; None when
+        it has none (random-init encoders, heads of another size) or the detectors are missing."""
+        concepts = Concepts.load()
+        if concepts is None or spec.weights is None or concepts.mean.shape[0] != channels:
+            return None
+        try:
+            if spec.weights_path:
+                state = torch.load(spec.weights_path, map_location="cpu", weights_only=True)
+            else:
+                from .encoders import resolve_weights
+                state = resolve_weights(spec.name, spec.weights).get_state_dict(progress=False)
+        except Exception:   # offline without the file, or a damaged one: captions still come, unguided
+            return None
+        arrays = head_arrays(state, channels)
+        return cls(Head(*arrays, load_classes()), concepts, vocab) if arrays else None
+
+    def ground(self, features, tag_threshold):
+        """features as search takes them (grid or pooled, mirrored readings side by side) -> a Grounding each."""
+        f = np.asarray(features, dtype=np.float32)
+        pooled = f.mean(1) if f.ndim == 3 else f
+        c = self.concepts.mean.shape[0]
+        readings = [pooled[:, i:i + c] for i in range(0, pooled.shape[1], c)]
+        probs = self.head.probs(pooled)
+        scores = np.mean([self.concepts.scores(r, probs) for r in readings], 0)
+        words = self.head.word_scores(probs)
+        people = scores[:, self.concepts.words.index(PEOPLE)]
+        people_at = float(self.concepts.thresholds[self.concepts.words.index(PEOPLE)])
+        tags = self.head.tags(probs, tag_threshold)
+        concept_tags = self.concepts.tags(scores)
+        out = []
+        for i in range(len(pooled)):
+            g = Grounding(tags=self._tags(tags[i], concept_tags[i]), person=round(float(people[i]), 4))
+            best = self.head.names[int(words[i].argmax())]
+            g.best_guess, g.kind = best, self.kind.get(best, "thing")
+            if words[i].max() >= tag_threshold and g.kind not in NOT_OBJECTS:
+                g.word = best
+                g.proxy = proxy_for(self.head, best, self.index)[0]
+            g.bar_people = people[i] < (OBJECT_PEOPLE if g.word else people_at)
+            out.append(g)
+        return out
+
+    @staticmethod
+    def _tags(objects, concepts):
+        seen, out = set(), []
+        for t in sorted(objects + concepts, key=lambda t: -t["score"]):
+            if t["word"] not in seen:
+                seen.add(t["word"])
+                out.append(t)
+        return out
+
+
+def guided_search(grounder, decoder, features, cfg, keep_alphas=False, memory=None):
+    """search.search's captions, guided per photo (see guidance.py); each photo's list is GroundedHyps."""
+    gs = grounder.ground(features.float().cpu().numpy(), cfg.tag_threshold)
+    bars, boosts = bias_rows(gs, len(grounder.vocab.words), grounder.people_ids)
+    dev = features.device
+    guided = Guided(decoder, torch.tensor(bars, device=dev), torch.tensor(boosts, device=dev),
+                    torch.tensor([-1 if g.proxy is None else g.proxy for g in gs], device=dev))
+    # All the candidates the search ranks (the re-ranking pool), so that one naming the object can be chosen.
+    pool = cfg.rerank_pool if (memory is not None and cfg.rerank) else cfg.beam_size
+    beams = search(guided, features, replace(cfg, num_captions=max(cfg.num_captions, pool), diversity="beam"),
+                   keep_alphas, memory)
+    firsts = [[_first(hyps, g, grounder)] for hyps, g in zip(beams, gs)]
+    if cfg.num_captions == 1:
+        chosen = firsts
+    elif cfg.diversity == "sample":
+        chosen = fill_nbest(firsts, diverse_samples(guided, features, cfg, firsts), cfg.num_captions)
+    else:
+        chosen = [(f + [h for h in hyps if h is not f[0]])[:cfg.num_captions] for f, hyps in zip(firsts, beams)]
+    out = []
+    for hyps, g in zip(chosen, gs):
+        hs = GroundedHyps(hyps)
+        hs.grounding = g
+        out.append(hs)
+    return out
+
+
+def _first(hyps, g, grounder):
+    """The caption shown first: the best candidate that names the object and bars what must be barred,
+    or a plain caption saying only what is known."""
+    best = choose(hyps, g, grounder.people_ids)
+    sure = best is not None and (g.word is not None or word_confidence(best) >= MODEL_CONFIDENT)
+    if sure:
+        best.confidence = round(word_confidence(best) if g.word is None else
+                                max(word_confidence(best), g.tags[0]["score"] if g.tags else 0.0), 4)
+        best.text = plural_fix(finish_text(grounder.vocab.decode(best.tokens), g, grounder.vocab.words))
+        return best
+    text = fallback_text(g)
+    ids = [grounder.index[w] for w in text.split() if w in grounder.index]
+    confidence = round(max([t["score"] for t in g.tags if t["word"] == g.word] or [0.0]), 4)
+    h = Hypothesis(ids, math.log(max(confidence, 1e-4)), math.log(max(confidence, 1e-4)))
+    h.text, h.confidence = text, confidence
+    return h
