@@ -94,7 +94,7 @@ class SearchConfig:
                                    "see: name a confidently seen object, no people where nobody is seen; a plain "
                                    "caption when nothing is sure (--no-guidance: the search alone; README)",
                              action=argparse.BooleanOptionalAction)
-    tag_threshold: float = setting(0.4, "tags (keywords) and guidance: the lowest score at which a word counts as "
+    tag_threshold: float = setting(0.5, "tags (keywords) and guidance: the lowest score at which a word counts as "
                                         "seen in the photo", "fraction")
 
 

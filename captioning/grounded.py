@@ -12,7 +12,7 @@ import torch
 
 from .concepts import PEOPLE, Concepts
 from .grounding import Head, head_arrays, load_classes
-from .guidance import (MODEL_CONFIDENT, Grounding, Guided, bias_rows, choose, fallback_text, finish_text,
+from .guidance import (MODEL_CONFIDENT, OBJECT_CONFIDENT, Grounding, Guided, bias_rows, choose, fallback_text, finish_text,
                        plural_fix, proxy_for, word_confidence)
 from .npsearch import Hypothesis
 from .search import diverse_samples, fill_nbest, search
@@ -64,19 +64,17 @@ class Grounder:
         readings = [pooled[:, i:i + c] for i in range(0, pooled.shape[1], c)]
         probs = self.head.probs(pooled)
         scores = np.mean([self.concepts.scores(r, probs) for r in readings], 0)
-        words = self.head.word_scores(probs)
+        objects = self.head.main_object(probs, tag_threshold)
         people = scores[:, self.concepts.words.index(PEOPLE)]
         people_at = float(self.concepts.thresholds[self.concepts.words.index(PEOPLE)])
         tags = self.head.tags(probs, tag_threshold)
         concept_tags = self.concepts.tags(scores)
         out = []
-        for i in range(len(pooled)):
+        for i, (word, score, kind) in enumerate(objects):
             g = Grounding(tags=self._tags(tags[i], concept_tags[i]), person=round(float(people[i]), 4))
-            best = self.head.names[int(words[i].argmax())]
-            g.best_guess, g.kind = best, self.kind.get(best, "thing")
-            if words[i].max() >= tag_threshold and g.kind not in NOT_OBJECTS:
-                g.word = best
-                g.proxy = proxy_for(self.head, best, self.index)[0]
+            if word is not None and kind not in NOT_OBJECTS:
+                g.word, g.kind, g.extra["score"] = word, kind, round(score, 4)
+                g.proxy = proxy_for(self.head, word, self.index)[0]
             g.bar_people = people[i] < (OBJECT_PEOPLE if g.word else people_at)
             out.append(g)
         return out
@@ -121,15 +119,14 @@ def _first(hyps, g, grounder):
     """The caption shown first: the best candidate that names the object and bars what must be barred,
     or a plain caption saying only what is known."""
     best = choose(hyps, g, grounder.people_ids)
-    sure = best is not None and (g.word is not None or word_confidence(best) >= MODEL_CONFIDENT)
+    sure = best is not None and word_confidence(best) >= (OBJECT_CONFIDENT if g.word else MODEL_CONFIDENT)
     if sure:
-        best.confidence = round(word_confidence(best) if g.word is None else
-                                max(word_confidence(best), g.tags[0]["score"] if g.tags else 0.0), 4)
+        best.confidence = round(max(word_confidence(best), g.extra.get("score", 0.0)), 4)
         best.text = plural_fix(finish_text(grounder.vocab.decode(best.tokens), g, grounder.vocab.words))
         return best
     text = fallback_text(g)
     ids = [grounder.index[w] for w in text.split() if w in grounder.index]
-    confidence = round(max([t["score"] for t in g.tags if t["word"] == g.word] or [0.0]), 4)
+    confidence = g.extra.get("score", 0.0)
     h = Hypothesis(ids, math.log(max(confidence, 1e-4)), math.log(max(confidence, 1e-4)))
     h.text, h.confidence = text, confidence
     return h

@@ -48,6 +48,13 @@ class Head:
         for c in self.classes:
             self.first[c["index"], index[c["words"][0]]] = 1.0
         self.person = np.array([c["kind"] == PERSON_KIND for c in self.classes], np.float32)
+        # every word of every chain: a hypernym's score is the summed probability of all its classes
+        self.words = sorted({w for c in self.classes for w in c["words"]})
+        at = {w: i for i, w in enumerate(self.words)}
+        self.member = np.zeros((len(self.classes), len(self.words)), np.float32)
+        for c in self.classes:
+            self.member[c["index"], [at[w] for w in c["words"]]] = 1.0
+        self.size = self.member.sum(0)     # classes under each word: fewer is more specific
 
     def probs(self, pooled):
         """pooled [B, C] (or [B, 2C]: a photo and its mirror image side by side) -> class probabilities [B, K],
@@ -61,19 +68,35 @@ class Head:
         """[B, K] class probabilities -> [B, W] scores of the specific words in self.names."""
         return probs @ self.first
 
-    def tags(self, probs, threshold, limit=5):
-        """Per photo, [{"word", "score"}] of the specific words scoring at least `threshold`, best first."""
-        scores = self.word_scores(probs)
+    def tags(self, probs, threshold, limit=6):
+        """Per photo, [{"word", "score"}] of the words (specific names and their hypernyms: cat, animal)
+        scoring at least `threshold`, best first (the more specific first among equal scores)."""
+        scores = probs @ self.member
         out = []
         for row in scores:
-            order = np.argsort(-row)[:limit]
-            out.append([{"word": self.names[i], "score": round(float(row[i]), 4)} for i in order
-                        if row[i] >= threshold])
+            hits = sorted(np.flatnonzero(row >= threshold), key=lambda i: (-round(float(row[i]), 4), self.size[i]))
+            out.append([{"word": self.words[i], "score": round(float(row[i]), 4)} for i in hits[:limit]])
+        return out
+
+    def main_object(self, probs, threshold):
+        """Per photo, (the most specific word scoring at least `threshold`, its score, its class's kind) or
+        (None, best score, None): "dog" for a photo split between two breeds, "fruit" between three fruits."""
+        scores = probs @ self.member
+        out = []
+        for p, row in zip(probs, scores):
+            hits = np.flatnonzero(row >= threshold)
+            if not len(hits):
+                out.append((None, float(row.max()), None))
+                continue
+            i = min(hits, key=lambda i: (self.size[i], -row[i]))
+            k = int(np.argmax(p * self.member[:, i]))
+            out.append((self.words[i], float(row[i]), self.classes[k]["kind"]))
         return out
 
     def chain(self, word):
-        """The words of the first class named `word`: itself, then its hypernyms (most specific first)."""
-        return next((c["words"] for c in self.classes if c["words"][0] == word), [word])
+        """`word` and its hypernyms, most specific first (from the first class whose chain holds it)."""
+        words = next((c["words"] for c in self.classes if word in c["words"]), [word])
+        return words[words.index(word):]
 
 
 def head_arrays(state, channels):

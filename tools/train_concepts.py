@@ -29,7 +29,9 @@ CONCEPTS = {"people": None, "grass": ["grass", "grassy", "lawn"], "water": ["wat
             "field": ["field", "meadow"], "tree": ["tree", "trees", "woods", "forest"], "mountain": ["mountain", "mountains", "hill"],
             "building": ["building", "buildings"], "city": ["city", "town"], "rock": ["rock", "rocks", "rocky"],
             "night": ["night", "dark"], "crowd": ["crowd"], "sky": ["sky"]}
-PERSON = "00007846"
+PERSON, CLOTHING, FOOTWEAR = "00007846", "03051540", "03381126"
+# Words that only a person in the photo makes true.
+WORN = ["wearing", "wears", "wear", "dressed", "shirtless", "costume", "costumes", "outfit", "outfits"]
 PRONOUNS = ["he", "she", "his", "her", "him", "hers", "himself", "herself", "someone", "somebody", "people", "crowd",
             "team", "family", "couple", "audience"]
 # Words whose first WordNet sense is a person but which captions use for other things.
@@ -40,7 +42,7 @@ NOT_PEOPLE = {"white", "grey", "gray", "dry", "have", "same", "waters", "strolle
               "more", "heavy", "religious", "martial", "colored", "miami", "crane", "tiger", "shepherd", "dalmatian",
               "bunny", "german", "american", "indian", "japanese", "african", "asian", "native", "oriental",
               "european", "african-american", "blonde", "blond", "brunette", "professional", "homeless", "official",
-              "dive", "bleachers"}
+              "dive", "bleachers", "hose", "cords", "tails", "weeds", "mini", "boa"}
 
 
 def wordnet_index(wordnet):
@@ -65,12 +67,13 @@ def base_forms(word, first, exc):
 
 
 def people_words(vocab, wordnet):
-    """The vocabulary's words whose main WordNet noun sense (of any of their forms) is a person, plus
-    pronouns and words for groups of people."""
+    """The vocabulary's words whose main WordNet noun sense (of any of their forms) is a person or clothing
+    (a shirt is worn by someone), plus pronouns, words for groups of people and for wearing."""
     nouns, (first, exc) = read_nouns(wordnet), wordnet_index(wordnet)
+    marks = {PERSON, CLOTHING, FOOTWEAR}
     out = [w for w in vocab if w not in NOT_PEOPLE
-           and any(PERSON in ancestors(nouns, first[b][0]) for b in base_forms(w, first, exc))]
-    return sorted(set(out) | {w for w in PRONOUNS if w in vocab})
+           and any(marks.intersection(ancestors(nouns, first[b][0])) for b in base_forms(w, first, exc))]
+    return sorted(set(out) | {w for w in PRONOUNS + WORN if w in vocab})
 
 
 def labels(captions, words):
