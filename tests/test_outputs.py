@@ -74,7 +74,7 @@ def test_jsonl_has_the_json_fields(tmp_path):
     rows.write(result("x/a.jpg"))
     rows.close()
     assert json.loads(path.read_text()) == {"image": "x/a.jpg", "caption": "a dog runs", "captions": ["a dog runs"],
-                                            "scores": [-1.5], "png": None}
+                                            "scores": [-1.5], "png": None, "tags": [], "confidence": None}
     assert RowFile(path, "jsonl").done == {key("x/a.jpg")}
 
 
