@@ -18,6 +18,8 @@ import numpy as np
 WORDS_FILE = Path(__file__).parent / "assets" / "imagenet_words.json"
 # ImageNet's classes of people (ballplayer, groom, scuba diver): evidence that someone is in the photo.
 PERSON_KIND = "person"
+# Hypernyms too broad to be what a photo shows ("a close-up of an animal"): keywords, never the main object.
+GENERIC = {"animal", "vehicle", "food", "drink", "tool", "aircraft", "plant", "building", "structure"}
 
 
 def load_classes(path=WORDS_FILE):
@@ -84,8 +86,8 @@ class Head:
         scores = probs @ self.member
         out = []
         for p, row in zip(probs, scores):
-            hits = np.flatnonzero(row >= threshold)
-            if not len(hits):
+            hits = [i for i in np.flatnonzero(row >= threshold) if self.words[i] not in GENERIC]
+            if not hits:
                 out.append((None, float(row.max()), None))
                 continue
             i = min(hits, key=lambda i: (self.size[i], -row[i]))
