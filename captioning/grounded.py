@@ -22,11 +22,13 @@ NOT_OBJECTS = ("person", "clothing")
 # With a confident object in view, people words need a clearly higher people score than otherwise: such
 # photos are where Flickr8k-trained probes guess people from habit.
 OBJECT_PEOPLE = 0.8
+# The same holds, a little less, for any photo outside the training photos' world.
+OUTSIDE_PEOPLE = 0.75
 # A photo is "outside" the training photos' world when its 10 nearest training photos (the consensus
-# memory) are on average less similar than this; about a fifth of Flickr8k's own val photos are. Only there
+# memory) are on average less similar than this; about one in seven of Flickr8k's own val photos are. Only there
 # does the search name the object and fall back: on photos like the training photos the caption model
 # knows better than the classifier what people say (Flickr8k val).
-OUTSIDE_SIM = 0.40
+OUTSIDE_SIM = 0.38
 NEAREST = 10
 
 
@@ -84,7 +86,7 @@ class Grounder:
             if outside[i] and word is not None and kind not in NOT_OBJECTS:
                 g.word, g.kind, g.extra["score"] = word, kind, round(score, 4)
                 g.proxy = proxy_for(self.head, word, self.index)[0]
-            g.bar_people = people[i] < (OBJECT_PEOPLE if g.word else people_at)
+            g.bar_people = people[i] < (OBJECT_PEOPLE if g.word else OUTSIDE_PEOPLE if outside[i] else people_at)
             out.append(g)
         return out
 
