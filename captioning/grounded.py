@@ -87,6 +87,8 @@ class Grounder:
                 g.word, g.kind, g.extra["score"] = word, kind, round(score, 4)
                 g.proxy = proxy_for(self.head, word, self.index)[0]
             g.bar_people = people[i] < (OBJECT_PEOPLE if g.word else OUTSIDE_PEOPLE if outside[i] else people_at)
+            if g.bar_people:   # the keywords say what the caption says
+                g.tags = [t for t in g.tags if t["word"] != PEOPLE]
             out.append(g)
         return out
 
