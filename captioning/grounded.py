@@ -117,7 +117,7 @@ def guided_search(grounder, decoder, features, cfg, keep_alphas=False, memory=No
     gs = grounder.ground(features.float().cpu().numpy(), cfg.tag_threshold, memory)
     bars, boosts = bias_rows(gs, len(grounder.vocab.words), grounder.people_ids)
     dev = features.device
-    guided = Guided(decoder, torch.tensor(bars, device=dev), torch.tensor(boosts, device=dev),
+    guided = Guided(decoder, torch.from_numpy(bars).to(dev), torch.from_numpy(boosts).to(dev),
                     torch.tensor([-1 if g.proxy is None else g.proxy for g in gs], device=dev))
     # All the candidates the search ranks (the re-ranking pool), so that one naming the object can be chosen.
     pool = cfg.rerank_pool if (memory is not None and cfg.rerank) else cfg.beam_size

@@ -14,8 +14,8 @@ the nearest word of the tag's WordNet chain that the vocabulary has (ladybug -> 
 the tag's own word replaces it in the text (as DCC does, Hendricks et al. 2016): "an insect on a green leaf"
 becomes "a ladybug on a green leaf".
 
-numpy-free and torch-free: Guided computes with whatever arrays the runtime's decoder gives (torch tensors or
-numpy arrays), so the ONNX runtime can guide with the same code.
+Torch-free: Guided computes with whatever arrays the runtime's decoder gives (torch tensors or numpy arrays),
+so the ONNX runtime can guide with the same code.
 """
 import math
 import re
@@ -67,19 +67,17 @@ def proxy_for(head, word, vocab_index):
 
 
 def bias_rows(groundings, vocab_size, people_ids):
-    """Per photo, (bar [V] list: 0 or -inf for barred words, boost [V] list: BOOST at the object's word)."""
-    bars, boosts = [], []
-    for g in groundings:
-        bar, boost = [0.0] * vocab_size, [0.0] * vocab_size
+    """(bar [B, V]: 0, or -inf for barred words; boost [B, V]: BOOST at each photo's object word), float32."""
+    import numpy as np
+    bar = np.zeros((len(groundings), vocab_size), np.float32)
+    boost = np.zeros_like(bar)
+    for i, g in enumerate(groundings):
         if g.bar_people:
-            for i in people_ids:
-                bar[i] = NEG
+            bar[i, list(people_ids)] = NEG
         if g.proxy is not None:
-            boost[g.proxy] = BOOST
-            bar[g.proxy] = 0.0
-        bars.append(bar)
-        boosts.append(boost)
-    return bars, boosts
+            boost[i, g.proxy] = BOOST
+            bar[i, g.proxy] = 0.0
+    return bar, boost
 
 
 class Guided:

@@ -115,7 +115,7 @@ def test_constrained_output_contains_its_constraint_and_no_barred_word():
     assert all(10 not in h[0].tokens for h in plain) and all(5 in h[0].tokens for h in plain)
     g = [Grounding([], 0.1, word="w10", proxy=10, bar_people=True), Grounding([], 0.9)]
     bars, boosts = bias_rows(g, 12, people_ids=[5])
-    guided = Guided(Fixed(), torch.tensor(bars), torch.tensor(boosts), torch.tensor([10, -1]))
+    guided = Guided(Fixed(), torch.from_numpy(bars), torch.from_numpy(boosts), torch.tensor([10, -1]))
     out = beam_search(guided, feats, SearchConfig(beam_size=3, block_trigrams=False))
     assert 10 in out[0][0].tokens and 5 not in out[0][0].tokens      # the constraint said, the barred word not
     assert out[0][0].tokens.count(10) == 1                           # raised until said, not beyond
