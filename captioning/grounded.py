@@ -21,9 +21,9 @@ from .search import diverse_samples, fill_nbest, search
 NOT_OBJECTS = ("person", "clothing")
 # With a confident object in view, people words need a clearly higher people score than otherwise: such
 # photos are where Flickr8k-trained probes guess people from habit.
-OBJECT_PEOPLE = 0.8
+OBJECT_PEOPLE = 0.6
 # The same holds, a little less, for any photo outside the training photos' world.
-OUTSIDE_PEOPLE = 0.75
+OUTSIDE_PEOPLE = 0.6
 # A photo is "outside" the training photos' world when its 10 nearest training photos (the consensus
 # memory) are on average less similar than this; about one in seven of Flickr8k's own val photos are. Only there
 # does the search name the object and fall back: on photos like the training photos the caption model
