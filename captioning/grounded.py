@@ -22,7 +22,7 @@ NOT_OBJECTS = ("person", "clothing")
 # On a photo outside the training photos' world (with a confident object in view, or without), people words
 # need a higher people score than the val-calibrated threshold: there Flickr8k-trained probes guess people
 # from habit. Higher values catch more people-free outside photos but bar the people of Flickr8k's own
-# outside photos too (0.8/0.75 cost test CIDEr-D 0.605 -> 0.593; README, Photos outside Flickr8k).
+# outside photos too, which costs CIDEr-D on Flickr8k (README, Photos outside Flickr8k).
 OBJECT_PEOPLE = 0.6
 OUTSIDE_PEOPLE = 0.6
 # A photo is "outside" the training photos' world when its 10 nearest training photos (the consensus
