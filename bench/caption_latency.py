@@ -62,10 +62,10 @@ from captioning.interfaces.cli import build_parser; mark("import captioning.inte
 import torch; mark("import torch")
 import torchvision; mark("import torchvision")
 from captioning.inference.captioner import Captioner, caption_files; mark("import captioning (rest)")
-from captioning.search.torch_search import SearchConfig
+from captioning.config import SearchConfig
 c = Captioner.load(sys.argv[2], device="cpu"); mark("load checkpoint, build decoder")
 c.encoder(); mark("build encoder (weights from TORCH_HOME)")
-from captioning.features.encoders import load_image
+from captioning.features.images import load_image
 img = load_image(sys.argv[1]); mark("load image")
 cfg = SearchConfig()
 feats = c.encode([img], cfg.mirror); mark("encoder forward")

@@ -40,6 +40,7 @@ class Captioner:
         self.grid_hw = tuple(ckpt.get("grid_hw") or (0, 0))
         self.memory = checkpoint_memory(ckpt, self.config.feat_dim)   # None: plain beam search
         self._encoder = None
+        self._grounder = False   # built on first use (grounded.Grounder, or None where the encoder has no head)
 
     def _check_sizes(self, state):
         """The decoder the configuration describes, built on the meta device (no memory), must have the
@@ -113,13 +114,26 @@ class Captioner:
             grid = torch.cat([grid, self.encoder()[0](x.flip(-1)).flatten(2).transpose(1, 2).float()], -1)
         return grid if self.decoder.uses_grid else grid.mean(1)
 
+    def grounder(self):
+        if self._grounder is False:
+            from captioning.search.guided import Grounder
+            self._grounder = Grounder.for_model(self.spec, self.vocab, self.config.feat_dim)
+        return self._grounder
+
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
         """`features` as encode(..., mirror=cfg.mirror) gives them."""
         decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
+        if cfg.guidance and self.grounder() is not None:
+            from captioning.search.guided import guided_search
+            return guided_search(self.grounder(), decoder, features, cfg, keep_alphas, self.memory)
         return search(decoder, features, cfg, keep_alphas=keep_alphas, memory=self.memory)
 
     def results(self, names, hyps):
-        return make_results(self.vocab, self.grid_hw, names, hyps)
+        from captioning.grounding.guidance import result_extras
+        results = make_results(self.vocab, self.grid_hw, names, hyps)
+        for result, hs in zip(results, hyps):
+            result.captions, result.tags, result.confidence = result_extras(result.captions, hs)
+        return results
 
     def caption_pil(self, images, cfg: SearchConfig = SearchConfig(), keep_alphas=False, names=None):
         names = names or [""] * len(images)

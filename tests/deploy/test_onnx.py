@@ -266,7 +266,8 @@ def test_the_builtin_model_exports_and_captions_the_examples_alike(tmp_path, mon
     assert r.returncode == 0, r.stderr
     for name in rt.GRAPHS.values():
         onnx.checker.check_model(str(folder / name))
-    torch_results = caption_files(Captioner.load("default", device="cpu"), EXAMPLES, SearchConfig(),
+    # The ONNX runtime does not carry the ImageNet head yet (issue 25, item 6): it matches the unguided search.
+    torch_results = caption_files(Captioner.load("default", device="cpu"), EXAMPLES, SearchConfig(guidance=False),
                                   outputs=OutputConfig(png=False))
     onnx_results = rt.caption_files(rt.OnnxCaptioner(folder), EXAMPLES, SearchConfig(), outputs=OutputConfig(png=False))
     assert [r.captions for r in onnx_results] == [r.captions for r in torch_results]

@@ -137,6 +137,6 @@ def test_mirror_reading_is_the_mirrored_photos_features_and_can_be_turned_off(mo
     assert torch.allclose(both[..., plain.shape[-1]:], flipped, atol=1e-2 * float(plain.abs().max()))
     assert SearchConfig().mirror
     from captioning.search.torch_search import search
-    off = SearchConfig(mirror=False)
+    off = SearchConfig(mirror=False, guidance=False)   # the plain search (guidance: tests/test_grounding.py)
     assert c.caption_pil([photo], off)[0].captions == [c.vocab.decode(h.tokens) for h in search(c.decoder, plain, off, memory=c.memory)[0]]
     assert c.caption_pil([photo])[0].captions[0] == c.caption(EXAMPLES[0])
