@@ -7,7 +7,7 @@ imagenet_synsets.txt, in torchvision's class order). Each class gets a chain of 
 its own everyday name, then the basic-level words (BASIC) among its WordNet hypernyms, nearest first:
 "Egyptian cat" -> ["cat", "animal"], "fox squirrel" -> ["squirrel", "rodent", "animal"], "admiral" ->
 ["butterfly", "insect", "animal"]. The captioner names a photo with the first word and, where the caption
-model's vocabulary lacks it, decodes with the first word of the chain it knows (captioning/grounding.py).
+model's vocabulary lacks it, decodes with the first word of the chain it knows (captioning/grounding/head.py).
 `kind` is the class's broad kind (animal, person, food, plant, vehicle, thing...), from the same hypernyms.
 """
 import argparse

@@ -1,4 +1,4 @@
-"""Trains the word detectors (captioning/concepts.py) and writes captioning/assets/concepts.npz.
+"""Trains the word detectors (captioning/grounding/concepts.py) and writes captioning/assets/concepts.npz.
 
     python tools/train_concepts.py --data /path/to/flickr8k --cache WORKDIR/cache/mobilenet_v2-... \
         [--model captioning/assets/default_model.pt] [--wordnet /usr/share/wordnet]

@@ -52,8 +52,8 @@ class Result:
     alphas: object = None            # [words, h, w] attention of the best caption, when the decoder has it
     png: str | None = None           # the annotated picture written for it
     attention_png: str | None = None
-    tags: list = field(default_factory=list)    # [{"word", "score"}] best first (grounding.py, concepts.py)
-    confidence: float | None = None  # of the first caption, in [0, 1] (guidance.py)
+    tags: list = field(default_factory=list)    # [{"word", "score"}] best first (grounding/head.py, grounding/concepts.py)
+    confidence: float | None = None  # of the first caption, in [0, 1] (grounding/guidance.py)
 
     def to_json(self):
         out = {"image": self.image, "caption": self.captions[0], "captions": self.captions,

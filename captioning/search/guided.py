@@ -1,5 +1,5 @@
 """Grounded search for the torch runtime: the encoder's ImageNet head and the word detectors decide what a
-caption may and must say (guidance.py), and each photo's result carries its tags and a confidence.
+caption may and must say (grounding/guidance.py), and each photo's result carries its tags and a confidence.
 
 Captioner.search calls guided_search when SearchConfig.guidance is on and the model's encoder has its
 ImageNet head (pretrained torchvision weights); otherwise the search is exactly the unguided one.
