@@ -11,7 +11,8 @@ from captioning.training.checkpoint import BUILTIN, checkpoint_memory, describe,
 from captioning.features.encoders import EncoderSpec, build_encoder
 from captioning.features.images import load_image
 from captioning.features.extract import pick_device
-from captioning.models.decoders import Ensemble, MirrorPair, build_decoder
+from captioning.models.decoders import build_decoder
+from captioning.models.ensemble import Ensemble, MirrorPair
 from captioning.config import ModelConfig
 from captioning.results.outputs import PNG_WORKERS, OutputConfig, Pending, caption_photos, make_results
 from captioning.search.numpy_search import SEARCH_BATCH

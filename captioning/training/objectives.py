@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from captioning import distributed
-from captioning.models.decoders import caption_loss
+from captioning.models.contract import caption_loss
 from captioning.metrics.cider import CiderD
 from captioning.config import SearchConfig
 from captioning.search.torch_search import beam_search, sample

@@ -31,7 +31,8 @@ from captioning.training.checkpoint import find_model, load_checkpoint, memory_t
 from captioning.features.encoders import EncoderSpec, concrete_spec
 from captioning.metrics.scores import score_captions
 from captioning.features.extract import extract_features, pick_device
-from captioning.models.decoders import build_decoder, caption_loss
+from captioning.models.contract import caption_loss
+from captioning.models.decoders import build_decoder
 from captioning.training.objectives import build_objective, image_batches
 from captioning.features.prepare import CaptionData, encode_split, prepare
 from captioning.search.torch_search import beam_search

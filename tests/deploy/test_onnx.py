@@ -19,7 +19,8 @@ from captioning.deploy import onnx_runtime as rt
 from captioning.inference.captioner import Captioner, caption_files
 from captioning.training.checkpoint import BUILTIN, save_checkpoint
 from captioning.features.encoders import EncoderSpec
-from captioning.models.decoders import DECODERS, Decoder, build_decoder
+from captioning.models.contract import Decoder
+from captioning.models.decoders import DECODERS, build_decoder
 from captioning.config import ModelConfig
 from captioning.deploy.onnx_export import export_onnx
 from captioning.results.outputs import OutputConfig
