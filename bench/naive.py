@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from captioning.features.images import load_image
 from captioning.search.torch_search import beam_search
-from captioning.training.train import optimizer_step
+from captioning.training.optim import optimizer_step
 from captioning.data.vocab import PAD
 
 
