@@ -104,7 +104,7 @@ def test_numpy_beam_search_finds_torch_captions(exported):
 
 
 def test_the_runtime_preprocesses_photos_exactly_as_captioning_does(exports, tmp_path):
-    from captioning.features.extract import Preprocess
+    from captioning.features.decoding import Preprocess
     captioner, folder = exports("attention")
     onnx_captioner = rt.OnnxCaptioner(folder)
     prep = Preprocess(captioner.encoder()[1])
