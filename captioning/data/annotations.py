@@ -1,5 +1,7 @@
-"""Reading the annotation files of each layout (datasets.py detects the layout and loads the records), with
-errors that name the file and line. The readers of the layouts people's own photos come in are layouts.py's.
+"""The layouts' registry and their annotation-file readers, with errors that name the file and line
+(datasets.py detects the layout and loads the records; the readers of the layouts people's own photos come
+in are layouts.py's). A new layout: its file pattern in LAYOUTS and, unless it is one of the built-in
+parsers below, its reader in READERS.
 
 No torch here (see datasets.py).
 """
@@ -10,6 +12,10 @@ from collections import defaultdict
 from captioning.data import layouts
 from captioning.utils import CaptioningError
 
+# Layout → its annotation file pattern. The order decides when a folder holds several.
+LAYOUTS = {"mini-coco": "captions.json", "flickr8k": "captions.txt", "karpathy": "dataset_*.json",
+           "coco": "captions_*.json", "imagefolder": "metadata.csv|metadata.jsonl", "flickr30k": "results.csv",
+           "flickr8k-text": "Flickr8k.token.txt"}
 SIDECARS = "sidecars"   # no annotation file: photos with a same-name .txt (layouts.py)
 READERS = {"imagefolder": layouts.read_imagefolder, "flickr30k": layouts.read_flickr30k,
            "flickr8k-text": layouts.read_flickr8k_token, SIDECARS: layouts.read_sidecar}

@@ -26,10 +26,6 @@ from captioning.utils import CaptioningError
 from captioning.data.vocab import tokenize
 
 SPLITS = ("train", "val", "test")
-# Layout → its annotation file pattern. The order decides when a folder holds several.
-LAYOUTS = {"mini-coco": "captions.json", "flickr8k": "captions.txt", "karpathy": "dataset_*.json",
-           "coco": "captions_*.json", "imagefolder": "metadata.csv|metadata.jsonl", "flickr30k": "results.csv",
-           "flickr8k-text": "Flickr8k.token.txt"}
 FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                       "test": "Flickr_8k.testImages.txt"}
 
@@ -44,7 +40,7 @@ class Record:
 @dataclass
 class Dataset:
     root: Path             # the folder the dataset was found in (may be one level below what the user gave)
-    layout: str            # one of LAYOUTS
+    layout: str            # one of annotations.LAYOUTS
     records: list[Record]  # sorted by image path
     missing: int = 0       # images listed in the annotations but not on disk (skipped)
     unsplit: int = 0       # images left out because official split files exist and do not list them
@@ -62,7 +58,7 @@ class Dataset:
 
 def _layout_of(name):
     """The layout an annotation file name belongs to, or None."""
-    return next((layout for layout, patterns in LAYOUTS.items()
+    return next((layout for layout, patterns in annotations.LAYOUTS.items()
                  if any(fnmatch.fnmatchcase(name, p) for p in patterns.split("|"))), None)
 
 
@@ -78,7 +74,7 @@ def _detect(folder):
         for d in list(names):
             if d.lower() in layouts.IMAGEFOLDER_SPLITS and os.path.isdir(folder / d):
                 names += sorted(f"{d}/{n}" for n in os.listdir(folder / d) if n in layouts.METADATA_FILES)
-    for layout in LAYOUTS:
+    for layout in annotations.LAYOUTS:
         files = [folder / n for n in names if _layout_of(Path(n).name) == layout]
         if files:
             return layout, files
@@ -101,7 +97,7 @@ def _find(root):
     photos, _ = layouts.find_sidecar_photos(root)
     if photos:
         return root, (annotations.SIDECARS, photos)
-    known = ", ".join(f"{k} ({v.replace('|', ' or ')})" for k, v in LAYOUTS.items())
+    known = ", ".join(f"{k} ({v.replace('|', ' or ')})" for k, v in annotations.LAYOUTS.items())
     raise CaptioningError(f"No captioning dataset found in {root}. Known layouts: {known}, with the images; "
                           f"or {annotations.SIDECARS} (photos with same-name .txt captions).")
 
@@ -210,7 +206,8 @@ def _locate(given):
         return folder, layout, files
     layout = _layout_of(given.name)
     if layout is None:
-        raise CaptioningError(f"{given} is not an annotation file of a known layout ({', '.join(LAYOUTS)}).")
+        raise CaptioningError(f"{given} is not an annotation file of a known layout "
+                              f"({', '.join(annotations.LAYOUTS)}).")
     folder = given.parent.parent if given.parent.name == "annotations" else given.parent
     return folder, layout, [given]
 
