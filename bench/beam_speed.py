@@ -21,7 +21,7 @@ import torch
 from captioning.inference.captioner import Captioner
 from captioning.training.checkpoint import load_checkpoint
 from captioning.data.datasets import load_dataset
-from captioning.models.decoders import AttentionDecoder
+from captioning.models.attention import AttentionDecoder
 from captioning.config import SearchConfig
 from captioning.search.torch_search import beam_search
 from captioning.features.store import load_features, open_store

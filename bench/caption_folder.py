@@ -81,7 +81,7 @@ def search_alone(captioner, photos, cfg):
     """Images/s of batched beam search on ready features of `photos`."""
     import torch
     from captioning.search.numpy_search import SEARCH_BATCH
-    from captioning.features.extract import Preprocess
+    from captioning.features.decoding import Preprocess
     trunk, transform = captioner.encoder()
     prep = Preprocess(transform)
     feats = []
@@ -213,7 +213,7 @@ def main():
     from captioning.results import render  # noqa: F401 (today() swaps it for the old one)
     from captioning.search.numpy_search import SEARCH_BATCH
     from captioning.inference.captioner import Captioner
-    from captioning.features.extract import Preprocess
+    from captioning.features.decoding import Preprocess
     from captioning.config import SearchConfig
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=500)

@@ -33,6 +33,9 @@ FLAT_MODULES = {
     "onnx_runtime": "deploy.onnx_runtime", "captioner": "inference.captioner", "cli": "interfaces.cli",
     "menu": "interfaces.menu", "demo": "interfaces.demo",
 }
+# Where the rest of an old module's names went when it was split further (models, train, datasets, features).
+SPLIT_HOMES = ["models.contract", "models.lstm", "models.grid", "models.attention", "models.updown",
+               "models.ensemble", "training.optim", "training.validation", "data.annotations", "features.decoding"]
 
 
 class _FlatModule(types.ModuleType):
@@ -41,7 +44,8 @@ class _FlatModule(types.ModuleType):
 
     def __init__(self, old):
         super().__init__(f"captioning._flat_{old}")
-        self._homes = [FLAT_MODULES[old]] + [m for m in FLAT_MODULES.values() if m != FLAT_MODULES[old]] + ["config"]
+        self._homes = ([FLAT_MODULES[old]] + [m for m in FLAT_MODULES.values() if m != FLAT_MODULES[old]]
+                       + SPLIT_HOMES + ["config"])
 
     def __getattr__(self, attr):
         import importlib

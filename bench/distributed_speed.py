@@ -119,7 +119,7 @@ def cpu_step_seconds(decoder_name, batch, mean_tokens, steps=6, threads=2):
     from captioning.models.decoders import build_decoder
     from captioning.config import TrainConfig
     from captioning.training.objectives import decoder_loss
-    from captioning.training.train import optimizer_step
+    from captioning.training.optim import optimizer_step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(decoder=decoder_name, vocab_size=COCO_VOCAB, feat_dim=COCO_CHANNELS))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from captioning.features.images import load_image
 from captioning.search.torch_search import beam_search
-from captioning.training.train import optimizer_step
+from captioning.training.optim import optimizer_step
 from captioning.data.vocab import PAD
 
 
@@ -40,7 +40,7 @@ def naive_loss(decoder, features, tokens, lengths, att_reg=1.0):
         alphas.append(alpha)
     logits = torch.stack(logits, 1)                                       # [N, T, V]: padding included
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD)
-    if att_reg:
+    if att_reg and decoder.has_attention:
         # The decoder's own term counts attention on a caption's real words only (as training does).
         real = (torch.arange(targets.shape[1], device=tokens.device) < (lengths - 1).unsqueeze(1)).float()
         loss = loss + att_reg * decoder.extra_loss(torch.stack(alphas, 1) * real.unsqueeze(-1))

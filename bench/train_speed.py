@@ -32,7 +32,8 @@ from captioning.features.store import feature_stats, load_unique, open_store
 from captioning.config import TrainConfig
 from captioning.training.objectives import decoder_loss, image_batches, length_buckets
 from captioning.features.prepare import encode_split
-from captioning.training.train import make_optimizer, optimizer_step, validation_loss
+from captioning.training.optim import make_optimizer, optimizer_step
+from captioning.training.validation import validation_loss
 from captioning.data.vocab import Vocabulary
 
 from bench.naive import naive_train_epoch

@@ -205,7 +205,7 @@ def exit_process(code):
 
 
 def registry(table):
-    """A class decorator factory that adds classes to `table` by name (the decoders, the objectives):
+    """A class decorator factory that adds classes to `table` by name (the training objectives):
     `@register("name")` makes a class available to every command, the menu and the tests."""
     def register(name):
         def add(cls):

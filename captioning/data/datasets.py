@@ -1,4 +1,5 @@
-"""Captioning datasets on disk: detect the layout, load records, split by image (download.py fetches them).
+"""Captioning datasets on disk: detect the layout, load records, split by image (annotations.py reads the
+annotation files, download.py fetches datasets).
 
 Every layout is reduced to the same thing: a sorted list of Records (image path, raw captions, split).
 The layout is detected from the files present, so a user never has to say which dataset they have:
@@ -14,28 +15,17 @@ metadata.csv/jsonl, train/ validation/ test/ folders as splits), flickr30k (resu
 
 No torch here: the CLI imports this module for --help and the menu, which must start instantly.
 """
-import csv
 import fnmatch
 import hashlib
-import json
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioning.data import layouts
+from captioning.data import annotations, layouts
 from captioning.utils import CaptioningError
 from captioning.data.vocab import tokenize
 
 SPLITS = ("train", "val", "test")
-# Layout → its annotation file pattern. The order decides when a folder holds several.
-LAYOUTS = {"mini-coco": "captions.json", "flickr8k": "captions.txt", "karpathy": "dataset_*.json",
-           "coco": "captions_*.json", "imagefolder": "metadata.csv|metadata.jsonl", "flickr30k": "results.csv",
-           "flickr8k-text": "Flickr8k.token.txt"}
-SIDECARS = "sidecars"   # no annotation file: photos with a same-name .txt (layouts.py)
-READERS = {"imagefolder": layouts.read_imagefolder, "flickr30k": layouts.read_flickr30k,
-           "flickr8k-text": layouts.read_flickr8k_token, SIDECARS: layouts.read_sidecar}
-KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                       "test": "Flickr_8k.testImages.txt"}
 
@@ -50,7 +40,7 @@ class Record:
 @dataclass
 class Dataset:
     root: Path             # the folder the dataset was found in (may be one level below what the user gave)
-    layout: str            # one of LAYOUTS
+    layout: str            # one of annotations.LAYOUTS
     records: list[Record]  # sorted by image path
     missing: int = 0       # images listed in the annotations but not on disk (skipped)
     unsplit: int = 0       # images left out because official split files exist and do not list them
@@ -64,107 +54,11 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reading annotation files, with errors that name the file and line
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CaptioningError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CaptioningError(f"Could not read {path}: {e}.") from None
-
-
-def _read_flickr_csv(path):
-    """{image file name: [captions]} from a captions.txt with header `image,caption` and quoted fields."""
-    captions = defaultdict(list)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, strict=True)  # strict: an unterminated quote is an error, not a silent merge
-            header = next(reader, None)
-            if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
-                raise CaptioningError(f"{path} line 1: expected the header 'image,caption', found {header!r}.")
-            for row in reader:
-                if not row or not any(row):
-                    continue
-                if len(row) < 2:
-                    raise CaptioningError(f"{path} line {reader.line_num}: expected 'image,caption', "
-                                          f"found {','.join(row)!r}.")
-                # An unquoted caption with commas splits into more fields; everything after the image is caption.
-                captions[row[0].strip()].append(",".join(row[1:]))
-    except csv.Error as e:
-        raise CaptioningError(f"{path} line {reader.line_num}: malformed CSV ({e}).") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CaptioningError(f"Could not read {path}: {e}.") from None
-    return captions
-
-
-def _entries(path, data, key, fields):
-    """data[key] (or data itself when key is None) as a list of dicts having `fields`, else a clear error."""
-    items = data if key is None else data.get(key)
-    if not isinstance(items, list):
-        raise CaptioningError(f"{path}: expected a list under '{key}'." if key else f"{path}: expected a list.")
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or any(k not in item for k in fields):
-            where = f"'{key}' entry {i}" if key else f"entry {i}"
-            raise CaptioningError(f"{path}: {where} lacks {' / '.join(fields)}: {str(item)[:80]}")
-    return items
-
-
-# ----------------------------------------------------------------------------------------------------------
-# each layout parses into entries: [(candidate relative image paths, [captions], split or None)]
-
-def _coco_name(image_id):
-    """Mini COCO names its files after the image id."""
-    return f"COCO_train2014_{int(image_id):012d}.jpg" if str(image_id).isdigit() else str(image_id)
-
-
-def _parse_coco(path, data):
-    """A COCO dict (images {id, file_name} + annotations {image_id, caption}), or Mini COCO's flat list."""
-    caps, names = defaultdict(list), {}
-    if isinstance(data, dict):
-        names = {img["id"]: img["file_name"] for img in _entries(path, data, "images", ["id", "file_name"])}
-        items = _entries(path, data, "annotations", ["image_id", "caption"])
-    else:
-        items = _entries(path, data, None, ["image_id", "caption"])
-    for item in items:
-        caps[item["image_id"]].append(item["caption"])
-    return [((names.get(i) or _coco_name(i),), c, None) for i, c in caps.items()]
-
-
-def _parse_karpathy(path, data):
-    if not isinstance(data, dict):
-        raise CaptioningError(f"{path}: expected a Karpathy split dict with 'images'.")
-    out = []
-    for img in _entries(path, data, "images", ["filename", "sentences"]):
-        raw = img.get("split")
-        if raw is not None and raw not in KARPATHY_SPLITS:
-            raise CaptioningError(f"{path}: image {img['filename']} has unknown split '{raw}' "
-                                  f"(expected one of {', '.join(KARPATHY_SPLITS)}).")
-        caps = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img["sentences"] if isinstance(s, dict)]
-        # COCO's Karpathy file says filepath "val2014"; also accept all images flat in one folder.
-        names = (f"{img['filepath']}/{img['filename']}", img["filename"]) if img.get("filepath") else (img["filename"],)
-        out.append((names, caps, KARPATHY_SPLITS.get(raw)))
-    return out
-
-
-def _parse(layout, path, folder):
-    """(entries, rows skipped) of one annotation file (or, for sidecars, one photo)."""
-    if layout in READERS:
-        return READERS[layout](path, folder)
-    if layout == "flickr8k":
-        return [((name,), caps, None) for name, caps in _read_flickr_csv(path).items()], 0
-    data = _read_json(path)
-    return (_parse_karpathy(path, data) if layout == "karpathy" else _parse_coco(path, data)), 0
-
-
-# ----------------------------------------------------------------------------------------------------------
 # layout detection
 
 def _layout_of(name):
     """The layout an annotation file name belongs to, or None."""
-    return next((layout for layout, patterns in LAYOUTS.items()
+    return next((layout for layout, patterns in annotations.LAYOUTS.items()
                  if any(fnmatch.fnmatchcase(name, p) for p in patterns.split("|"))), None)
 
 
@@ -180,7 +74,7 @@ def _detect(folder):
         for d in list(names):
             if d.lower() in layouts.IMAGEFOLDER_SPLITS and os.path.isdir(folder / d):
                 names += sorted(f"{d}/{n}" for n in os.listdir(folder / d) if n in layouts.METADATA_FILES)
-    for layout in LAYOUTS:
+    for layout in annotations.LAYOUTS:
         files = [folder / n for n in names if _layout_of(Path(n).name) == layout]
         if files:
             return layout, files
@@ -202,10 +96,10 @@ def _find(root):
     # Last: a photo library captioned with `caption --txt` (and perhaps corrected by hand).
     photos, _ = layouts.find_sidecar_photos(root)
     if photos:
-        return root, (SIDECARS, photos)
-    known = ", ".join(f"{k} ({v.replace('|', ' or ')})" for k, v in LAYOUTS.items())
+        return root, (annotations.SIDECARS, photos)
+    known = ", ".join(f"{k} ({v.replace('|', ' or ')})" for k, v in annotations.LAYOUTS.items())
     raise CaptioningError(f"No captioning dataset found in {root}. Known layouts: {known}, with the images; "
-                          f"or {SIDECARS} (photos with same-name .txt captions).")
+                          f"or {annotations.SIDECARS} (photos with same-name .txt captions).")
 
 
 class _ImageIndex:
@@ -279,10 +173,10 @@ def _load_dataset(root):
     folder, layout, files = _locate(given)
     entries, skipped = [], 0
     for path in files:
-        found, bad = _parse(layout, path, folder)
+        found, bad = annotations.parse(layout, path, folder)
         entries += found
         skipped += bad
-    if layout == SIDECARS:   # photos that have no caption yet are left out, and counted
+    if layout == annotations.SIDECARS:   # photos that have no caption yet are left out, and counted
         skipped += len(layouts.find_sidecar_photos(folder)[1])
 
     index, missing, found = _ImageIndex(_image_bases(folder, layout, files)), 0, []
@@ -312,7 +206,8 @@ def _locate(given):
         return folder, layout, files
     layout = _layout_of(given.name)
     if layout is None:
-        raise CaptioningError(f"{given} is not an annotation file of a known layout ({', '.join(LAYOUTS)}).")
+        raise CaptioningError(f"{given} is not an annotation file of a known layout "
+                              f"({', '.join(annotations.LAYOUTS)}).")
     folder = given.parent.parent if given.parent.name == "annotations" else given.parent
     return folder, layout, [given]
 

@@ -13,7 +13,7 @@ the convolutions before them (the same features up to float rounding; mobilenet_
 A CPU wants small batches in channels_last layout, and the best batch size differs by encoder and
 machine, so it is measured: the first large extraction spends a few seconds timing forward passes per
 candidate setting and remembers the fastest in `<workdir>/cache/calibration.json` (keyed by encoder,
-device and thread count). Images are decoded, resized and cropped as uint8 (in background threads only on
+device and thread count). Images are decoded, resized and cropped as uint8 (decoding.py; in background threads only on
 cores torch leaves free: on a CPU whose cores all run the CNN, a decoder beside them costs more than it
 saves); the conversion to float and the normalisation run per batch, with the same arithmetic as the
 encoder's own transform. On a GPU, decoding runs in worker processes and the CNN in fp16.
@@ -21,22 +21,19 @@ encoder's own transform. On a GPU, decoding runs in worker processes and the CNN
 import contextlib
 import json
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import functional as TF
 
 from captioning import distributed
 from captioning.config import ExtractConfig
 from captioning.features.encoders import EncoderSpec, build_encoder, concrete_spec
-from captioning.features.images import draft_size_for, load_image
+from captioning.features.decoding import Preprocess, describe_decoding, image_batches
 from captioning.features.store import CACHE_VERSION, RowWriter, cache_dir_for, open_store
 from captioning.features.tuning import SHARE_EVERY_S, CpuShare, Settings, _autocast, _set_format, choose_settings, fold_batchnorm
 from captioning.utils import CaptioningError, atomic_write_json, add_task, advance_task, console, make_progress
+
 
 def pick_device(name="auto"):
     """CUDA, then Apple's MPS, then CPU — or exactly what the user asked for."""
@@ -51,117 +48,6 @@ def pick_device(name="auto"):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise CaptioningError("MPS was requested but is not available on this machine; use --device cpu or auto.")
     return torch.device(name)
-
-
-# --- decoding --------------------------------------------------------------------------------------
-
-class Preprocess:
-    """The encoder's transform, split in two halves with the same arithmetic as the whole:
-    per image, decode + resize + crop (Pillow, off the main thread), kept as uint8 [H, W, 3];
-    per batch, to float + normalise (one vectorised op on the compute device).
-
-    uint8 is a quarter of the bytes to move between threads, processes or to the GPU, and a batch of
-    [B, H, W, 3] uint8 permuted to [B, 3, H, W] already is channels_last, the CPU's fast layout."""
-
-    def __init__(self, transform, mirror=False):
-        self.transform, self.mirror = transform, mirror
-        self.split = all(hasattr(transform, a) for a in ("resize_size", "crop_size", "mean", "std", "interpolation"))
-        self.crop = int(transform.crop_size[0])
-        self.draft = draft_size_for(transform)
-
-    def blank(self):
-        shape = (self.crop, self.crop, 3) if self.split else (3, self.crop, self.crop)
-        return torch.zeros(shape, dtype=torch.uint8 if self.split else torch.float32)
-
-    def image(self, path):
-        """(tensor, True), or (a blank, False) for a file that cannot be read: one bad photo is skipped."""
-        try:
-            img = load_image(path, self.draft)
-        except CaptioningError:
-            return self.blank(), False
-        if not self.split:
-            return self.transform(img), True
-        t = self.transform
-        img = TF.center_crop(TF.resize(img, t.resize_size, interpolation=t.interpolation,
-                                       antialias=getattr(t, "antialias", True)), t.crop_size)
-        return torch.from_numpy(np.array(img, dtype=np.uint8)), True
-
-    def batch(self, images, device, channels_last):
-        """Stacked images from `image` → the float batch the trunk takes."""
-        x = images.to(device, non_blocking=True)
-        if self.split:
-            x = x.permute(0, 3, 1, 2)
-            x = TF.normalize(TF.convert_image_dtype(x, torch.float), self.transform.mean, self.transform.std,
-                             inplace=True)
-        if self.mirror:
-            x = x.flip(-1)   # [B, 3, H, W]: left and right swapped
-        return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-class ImageFiles(Dataset):
-    """Images for DataLoader worker processes (the GPU path, or --workers N)."""
-
-    def __init__(self, paths, prep, start=0):
-        self.paths, self.prep, self.start = paths, prep, start
-
-    def __len__(self):
-        return len(self.paths) - self.start
-
-    def __getitem__(self, i):
-        row = self.start + i
-        image, ok = self.prep.image(self.paths[row])
-        return row, image, ok
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)  # decoding workers must not steal the compute threads
-
-
-def _threaded_batches(paths, start, prep, batch_size, threads):
-    """(rows, images, ok) batches in row order; `threads` > 0 decode up to two batches ahead in the
-    background while the caller runs the CNN, 0 decodes each batch when it is asked for."""
-    rows = iter(range(start, len(paths)))
-    if threads == 0:
-        for r0 in range(start, len(paths), batch_size):
-            done = [prep.image(paths[r]) for r in range(r0, min(r0 + batch_size, len(paths)))]
-            yield (list(range(r0, r0 + len(done))), torch.stack([d[0] for d in done]), [d[1] for d in done])
-        return
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-    pending = deque()
-
-    def fill():
-        while len(pending) < 2 * batch_size + threads:
-            r = next(rows, None)
-            if r is None:
-                return
-            pending.append((r, pool.submit(prep.image, paths[r])))
-    try:
-        fill()
-        while pending:
-            chunk = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
-            fill()  # keep the decoder busy while this batch is computed
-            done = [f.result() for _, f in chunk]
-            yield [r for r, _ in chunk], torch.stack([d[0] for d in done]), [d[1] for d in done]
-    finally:
-        for _, f in pending:
-            f.cancel()
-        pool.shutdown(wait=True)
-
-
-def image_batches(paths, start, prep, settings: Settings, device):
-    """Batches of decoded images from row `start` on, as (rows, uint8 images, ok flags)."""
-    if settings.workers == 0:
-        return _threaded_batches(paths, start, prep, settings.batch_size, settings.decode_threads)
-    loader = DataLoader(ImageFiles(paths, prep, start), batch_size=settings.batch_size,
-                        num_workers=settings.workers, worker_init_fn=_worker_init,
-                        pin_memory=device.type == "cuda", prefetch_factor=4)
-    return ((rows.tolist(), images, ok.tolist()) for rows, images, ok in loader)
-
-
-def _decoding(s: Settings):
-    if s.workers:
-        return f"{s.workers} decoding process(es)"
-    return f"{s.decode_threads} decoding thread(s)" if s.decode_threads else "decoding inline"
 
 
 def _probe_shape(trunk, crop, device, channels_last):
@@ -247,7 +133,7 @@ def extract_features(paths, spec: EncoderSpec, workdir, cfg: ExtractConfig = Ext
         progress = _allocate(folder, paths, progress, spec, enc)
         part = _my_slice(folder, paths, progress, enc.settings, sharded)
         console.print(f"[dim]Batches of {enc.settings.batch_size}{', channels_last' if enc.settings.channels_last else ''}"
-                      f", {_decoding(enc.settings)}, {enc.settings.threads} compute thread(s) ({enc.settings.source}).[/]")
+                      f", {describe_decoding(enc.settings)}, {enc.settings.threads} compute thread(s) ({enc.settings.source}).[/]")
         if part.start > (part.progress.get("start", 0)):
             console.print(f"Resuming feature extraction at image {part.start:,} of {len(paths):,}.")
         _run(part, enc, folder, cfg.flush_every_s)

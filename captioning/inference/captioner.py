@@ -11,7 +11,8 @@ from captioning.training.checkpoint import BUILTIN, checkpoint_memory, describe,
 from captioning.features.encoders import EncoderSpec, build_encoder
 from captioning.features.images import load_image
 from captioning.features.extract import pick_device
-from captioning.models.decoders import Ensemble, MirrorPair, build_decoder
+from captioning.models.decoders import build_decoder
+from captioning.models.ensemble import Ensemble, MirrorPair
 from captioning.config import ModelConfig
 from captioning.results.outputs import PNG_WORKERS, OutputConfig, Pending, caption_photos, make_results
 from captioning.search.numpy_search import SEARCH_BATCH
@@ -169,7 +170,7 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workd
     """Decode and encode as feature extraction does (its calibrated batch size and memory format, decoding
     threads where cores are free), search in large batches, hand each result to `sink` without waiting."""
     from captioning.config import ExtractConfig
-    from captioning.features.extract import Preprocess
+    from captioning.features.decoding import Preprocess
     from captioning.features.tuning import _set_format, choose_settings
     if not photos:
         return [], []
@@ -192,7 +193,7 @@ def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workd
 
 def _encode_all(captioner, photos, cfg, prep, settings, pending):
     """Decode and encode every photo in batches into `pending`; returns the unreadable ones' messages."""
-    from captioning.features.extract import image_batches
+    from captioning.features.decoding import image_batches
     failures = []
     with make_progress(transient=True) as bar:
         task = add_task(bar, "Captioning", len(photos), unit="img")

@@ -191,7 +191,7 @@ def summarize(ckpt):
     cfg, enc = ckpt["model_config"], ckpt["encoder"]
     last = (ckpt.get("history") or [{}])[-1]
     from captioning.models.decoders import DECODERS
-    return {"decoder": cfg["decoder"], "attention": getattr(DECODERS.get(cfg["decoder"]), "uses_grid", False),
+    return {"decoder": cfg["decoder"], "attention": getattr(DECODERS.get(cfg["decoder"]), "has_attention", False),
             "encoder": enc["name"], "vocab_size": len(ckpt["vocab"]),
             "epoch": ckpt.get("epoch", 0), "best_metric": ckpt.get("best_metric", "CIDEr-D"),
             "best_score": ckpt.get("best_score"), "val_loss": last.get("val_loss"),

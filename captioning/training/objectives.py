@@ -4,7 +4,14 @@ and writes the checkpoints the same way for every objective registered here.
     xe    cross-entropy with teacher forcing (label smoothing) plus the decoder's own term
     scst  self-critical sequence training (Rennie et al. 2017): sampled captions rewarded by CIDEr-D
 
-An objective is built from the training config, the decoder and the training captions, and offers:
+An objective is a whole plug-in: train.py asks it, never its name, everything that differs. Before
+anything is built, its class answers
+    learning_rate(cfg)          the rate AdamW starts at (--lr, or --scst-lr for self-critical training)
+    start_from(workdir, cfg)    the checkpoint training starts from (weights, vocabulary, model sizes,
+                                encoder), or None to start from scratch
+    scores_start                True: the starting model's dev score is "epoch 0", saved as the first
+                                best.pt and last.pt, so best.pt is never worse than the start
+and, built from the training config, the decoder and the training captions, it offers:
     module              what runs the steps (wrapped for DDP): a forward() that makes the loss's inputs
     batches(gen, world) the epoch's global batches, as index tensors
     loss(model, store, idx, device) -> (loss to backpropagate, statistic sum, statistic count)
@@ -12,16 +19,21 @@ An objective is built from the training config, the decoder and the training cap
     dev_beam            the beam size that dev scoring searches with after each epoch
 Adding one is one class with `@register("name")`.
 """
+import os
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from captioning import distributed
-from captioning.models.decoders import caption_loss
+from captioning.models.contract import caption_loss
 from captioning.metrics.cider import CiderD
 from captioning.config import SearchConfig
 from captioning.search.torch_search import beam_search, sample
 from captioning.features.store import load_unique
-from captioning.utils import registry
+from captioning.training.checkpoint import find_model, models_dir
+from captioning.utils import console, registry, temp_path_for
 from captioning.data.vocab import END, PAD
 
 OBJECTIVES = {}
@@ -30,10 +42,14 @@ OBJECTIVES = {}
 register = registry(OBJECTIVES)
 
 
+def objective_class(name):
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{name}' (expected one of: {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[name]
+
+
 def build_objective(cfg, decoder, data):
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective '{cfg.objective}' (expected one of: {', '.join(OBJECTIVES)})")
-    return OBJECTIVES[cfg.objective](cfg, decoder, data)
+    return objective_class(cfg.objective)(cfg, decoder, data)
 
 
 # --- batching -------------------------------------------------------------------------------------------
@@ -102,6 +118,15 @@ class CrossEntropy:
     """Teacher forcing on the reference captions; dev scoring is greedy (fast, and what XE selects by)."""
     stat = "train_loss"
     dev_beam = 1
+    scores_start = False     # a new model has no score to keep
+
+    @staticmethod
+    def learning_rate(cfg):
+        return cfg.lr
+
+    @staticmethod
+    def start_from(workdir, cfg):
+        return None          # from scratch
 
     def __init__(self, cfg, decoder, data):
         self.cfg, self.decoder, self.data, self.module = cfg, decoder, data, decoder
@@ -166,6 +191,30 @@ class SelfCritical:
     user gets."""
     stat = "train_reward"
     dev_beam = SearchConfig.beam_size
+    scores_start = True      # the model it starts from is the score to beat
+
+    @staticmethod
+    def learning_rate(cfg):
+        return cfg.scst_lr
+
+    @staticmethod
+    def start_from(workdir, cfg):
+        """--init-from, default the workdir's best.pt, which is first kept as xe_best.pt: the new run's
+        best.pt replaces it, and the cross-entropy model must not be lost."""
+        path = Path(find_model(workdir, cfg.init_from or None))
+        best = models_dir(workdir) / "best.pt"
+        if not (path.exists() and best.exists() and path.resolve() == best.resolve()):
+            return path
+        kept = models_dir(workdir) / "xe_best.pt"
+        if distributed.is_main():
+            for src, dst in ((best, kept), (best.with_suffix(".json"), kept.with_suffix(".json"))):
+                if src.exists():
+                    tmp = temp_path_for(dst)
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, dst)
+        distributed.barrier()
+        console.print(f"Starting from {best}, kept as {kept}.")
+        return kept
 
     def __init__(self, cfg, decoder, data):
         self.cfg, self.decoder = cfg, decoder

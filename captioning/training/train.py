@@ -1,14 +1,16 @@
 """Decoder training on cached features: any objective (objectives.py), dev scores every epoch, best/last
 checkpoints, exact resume.
 
-After each epoch the dev split is captioned and scored (BLEU-4, CIDEr-D; greedy for cross-entropy, beam
-search for self-critical training); `best.pt` is the epoch with the best dev CIDEr-D, the learning rate
-halves when it stalls, and training stops early when it stops improving. `last.pt` holds everything
-needed to resume exactly: weights, optimiser, scheduler, RNG, history.
+After each epoch the dev split is captioned and scored (BLEU-4, CIDEr-D; validation.py) with the
+objective's dev beam; `best.pt` is the epoch with the best dev CIDEr-D, the learning rate follows
+--lr-schedule (cosine by default: from the full rate down towards 0 over the planned epochs; plateau:
+halved when dev CIDEr-D stalls; optim.py), and training stops early when it stops improving. `last.pt`
+holds everything needed to resume exactly: weights, optimiser, scheduler, RNG, history.
 
-Self-critical training (`--objective scst`) starts from a trained model (`--init-from`, default the
-workdir's models/best.pt, which is first kept as models/xe_best.pt): its dev score with beam search is
-"epoch 0", so best.pt is never worse than the model it started from.
+Everything that differs between objectives is the objective's to say (objectives.py): its learning rate,
+the checkpoint it starts from (self-critical training: `--init-from`, default the workdir's
+models/best.pt, first kept as models/xe_best.pt), and whether the starting model's dev score is
+"epoch 0" (so best.pt is never worse than the model it started from).
 
 Under torchrun (captioning/distributed.py) every rank trains on its part of each global batch with
 DistributedDataParallel; rank 0 alone scores the dev split, shares the scores and writes the files.
@@ -16,8 +18,6 @@ DistributedDataParallel; rank 0 alone scores the dev split, shares the scores an
 import contextlib
 import copy
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,96 +25,22 @@ from pathlib import Path
 import torch
 
 from captioning import distributed
-from captioning.config import ExtractConfig, ModelConfig, SearchConfig, TrainConfig
-from captioning.search.consensus import training_memory
-from captioning.training.checkpoint import find_model, load_checkpoint, memory_tensors, models_dir, save_checkpoint, training_checkpoint
-from captioning.features.encoders import EncoderSpec, concrete_spec
-from captioning.metrics.scores import score_captions
-from captioning.features.extract import extract_features, pick_device
-from captioning.models.decoders import build_decoder, caption_loss
-from captioning.training.objectives import build_objective, image_batches
-from captioning.features.prepare import CaptionData, encode_split, prepare
-from captioning.search.torch_search import beam_search
-from captioning.features.store import feature_stats, load_features, load_unique, mixed_store
-from captioning.utils import CaptioningError, add_task, advance_task, console, make_progress, temp_path_for
+from captioning.config import ExtractConfig, ModelConfig, TrainConfig
 from captioning.data.vocab import Vocabulary
+from captioning.features.encoders import EncoderSpec, concrete_spec
+from captioning.features.extract import extract_features, pick_device
+from captioning.features.prepare import CaptionData, encode_split, prepare
+from captioning.features.store import feature_stats, mixed_store
+from captioning.models.decoders import build_decoder
+from captioning.search.consensus import training_memory
+from captioning.training.checkpoint import load_checkpoint, memory_tensors, models_dir, save_checkpoint, training_checkpoint
+from captioning.training.objectives import build_objective, objective_class
+from captioning.training.optim import amp_dtype, make_optimizer, make_scheduler, optimizer_step, step_scheduler
+from captioning.training.validation import dev_scores, validation_loss
+from captioning.utils import CaptioningError, add_task, advance_task, console, make_progress
 
 
 RUNTIME = ("epochs", "amp", "compile")   # how to run, not what to learn: --resume takes them from the command
-
-
-def make_optimizer(params, cfg):
-    """AdamW, fused where this torch has it for the device: one kernel over all parameters instead of
-    several per tensor (attention decoder on 2 CPU cores: 3.9 against 8.7 ms a step, bench/train_speed.py).
-    Its state is the same as the plain optimizer's, so checkpoints resume under either."""
-    params = list(params)
-    lr = cfg.scst_lr if cfg.objective == "scst" else cfg.lr
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):   # torch < 2.4 on CPU, or a device without the fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer, cfg):
-    """plateau: halve the learning rate when dev CIDEr-D stalls. cosine: from the full rate down towards 0
-    over the planned epochs, one step an epoch (the halvings of a plateau run come late, and each one
-    raised dev CIDEr-D at once)."""
-    if cfg.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda done: 0.5 * (1 + math.cos(math.pi * min(done, cfg.epochs) / cfg.epochs)))
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=cfg.lr_patience)
-
-
-def step_scheduler(scheduler, score):
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(score)
-    else:
-        scheduler.step()
-
-
-def amp_dtype(device, amp):
-    """The autocast type for training: None (float32) off CUDA or with --no-amp; else bf16 where the GPU
-    has it (no loss scaling needed), fp16 with a GradScaler where not."""
-    if device.type != "cuda" or amp is False:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-@torch.inference_mode()
-def validation_loss(decoder, store, data, cfg, device):
-    decoder.eval()
-    total, count = 0.0, 0
-    # 160 captions (32 images) a batch: 320 made validation the peak of a training run's memory
-    # (attention, Flickr8k: 925 against 804 MB anonymous; bench/memory.py), at no cost in speed.
-    for idx in image_batches(data.rows, 160, torch.Generator().manual_seed(0)):
-        feats, index = load_unique(store, data.rows[idx], decoder.uses_grid, device)
-        width = int(data.lengths[idx].max())
-        logits, targets, _ = decoder(feats, data.tokens[idx, :width].to(device), data.lengths[idx].to(device), index)
-        total += float(caption_loss(logits, targets)) * len(targets)
-        count += len(targets)
-    return total / max(count, 1)
-
-
-@torch.inference_mode()
-def caption_rows(decoder, store, rows, vocab, device, beam_size=1, batch=100):
-    """Captions for feature rows, as text (greedy by default). Batches of 100 images search as fast as
-    larger ones (bench/beam_speed.py) with less memory than 256 did."""
-    decoder.eval()
-    cfg = SearchConfig(beam_size=beam_size)
-    out = []
-    for i in range(0, len(rows), batch):
-        feats = load_features(store, torch.as_tensor(rows[i:i + batch]), decoder.uses_grid, device)
-        out += [vocab.decode(h[0].tokens) for h in beam_search(decoder, feats, cfg)]
-    return out
-
-
-def dev_scores(decoder, store, records, vocab, row_of, device, limit, beam_size=1):
-    records = records[:limit]
-    captions = caption_rows(decoder, store, [row_of[str(r.image)] for r in records], vocab, device, beam_size)
-    cands = {i: c for i, c in enumerate(captions)}
-    refs = {i: r.captions for i, r in enumerate(records)}
-    s = score_captions(cands, refs, metrics=("BLEU", "CIDEr"), use_java=False)
-    return {"BLEU-4": s["BLEU-4"], "CIDEr-D": s["CIDEr-D"]}
 
 
 @dataclass
@@ -162,32 +88,13 @@ def starting_point(workdir, cfg, spec, resume):
         saved = {"lr_schedule": "plateau", "flip": False, **ckpt["train_config"]}
         cfg = TrainConfig(**{**saved, "model": ModelConfig(**ckpt["model_config"]), **runtime})
         return ckpt, True, cfg, EncoderSpec(**ckpt["encoder"])   # the features it was trained on
-    if cfg.objective != "scst":
+    start = objective_class(cfg.objective).start_from(workdir, cfg)
+    if start is None:
         return None, False, cfg, spec
-    init = scst_init_path(workdir, cfg.init_from)
-    ckpt = load_checkpoint(init)
-    cfg.init_from = str(init)
+    ckpt = load_checkpoint(start)
+    cfg.init_from = str(start)
     cfg.model = ModelConfig(**ckpt["model_config"])
     return ckpt, False, cfg, EncoderSpec(**ckpt["encoder"])
-
-
-def scst_init_path(workdir, init_from):
-    """The model self-critical training starts from. The workdir's own best.pt is kept as xe_best.pt
-    first: the new run's best.pt replaces it, and the cross-entropy model must not be lost."""
-    path = Path(find_model(workdir, init_from or None))
-    best = models_dir(workdir) / "best.pt"
-    if path.exists() and best.exists() and path.resolve() == best.resolve():
-        kept = models_dir(workdir) / "xe_best.pt"
-        if distributed.is_main():
-            for src, dst in ((best, kept), (best.with_suffix(".json"), kept.with_suffix(".json"))):
-                if src.exists():
-                    tmp = temp_path_for(dst)
-                    shutil.copyfile(src, tmp)
-                    os.replace(tmp, dst)
-        distributed.barrier()
-        console.print(f"Starting from {best}, kept as {kept}.")
-        return kept
-    return path
 
 
 def setup(data_dir, workdir, cfg, spec, extract_cfg, resume):
@@ -228,7 +135,7 @@ def setup(data_dir, workdir, cfg, spec, extract_cfg, resume):
     if resuming:
         restore(run, ckpt)
     announce(run, amp)
-    if cfg.objective == "scst" and not resuming:
+    if run.objective.scores_start and not resuming:
         score_start(run)
     return run
 
@@ -265,7 +172,7 @@ def evaluate_epoch(run):
 
 
 def score_start(run):
-    """Epoch 0 of self-critical training: the starting model's dev score with beam search, saved as the
+    """Epoch 0 (objectives whose `scores_start` says so): the starting model's dev score, saved as the
     first best.pt and last.pt (so a resume right away works, and best.pt is never worse than the start)."""
     scores = evaluate_epoch(run)
     run.best = scores["CIDEr-D"]
@@ -369,20 +276,3 @@ ESTIMATE_AFTER = 20   # batches timed before saying how long an epoch takes
 def announce_epoch_time(seconds):
     minutes = f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
     console.print(f"An epoch takes about {minutes} here (from its first {ESTIMATE_AFTER} batches), plus dev scoring.")
-
-
-def optimizer_step(loss, optimizer, params, clip, scaler=None):
-    """Backward pass, gradient clipping, update; through fp16's GradScaler when there is one (it skips the
-    update when a gradient overflowed). Returns the gradient norm before clipping."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        return norm
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return norm

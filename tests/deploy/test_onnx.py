@@ -19,7 +19,8 @@ from captioning.deploy import onnx_runtime as rt
 from captioning.inference.captioner import Captioner, caption_files
 from captioning.training.checkpoint import BUILTIN, save_checkpoint
 from captioning.features.encoders import EncoderSpec
-from captioning.models.decoders import DECODERS, Decoder, build_decoder
+from captioning.models.contract import Decoder
+from captioning.models.decoders import DECODERS, build_decoder
 from captioning.config import ModelConfig
 from captioning.deploy.onnx_export import export_onnx
 from captioning.results.outputs import OutputConfig
@@ -103,7 +104,7 @@ def test_numpy_beam_search_finds_torch_captions(exported):
 
 
 def test_the_runtime_preprocesses_photos_exactly_as_captioning_does(exports, tmp_path):
-    from captioning.features.extract import Preprocess
+    from captioning.features.decoding import Preprocess
     captioner, folder = exports("attention")
     onnx_captioner = rt.OnnxCaptioner(folder)
     prep = Preprocess(captioner.encoder()[1])

@@ -13,12 +13,13 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from bench.naive import naive_loss, one_at_a_time_beam, plain_extract
-from captioning.features import extract as features
+from captioning.features import decoding, extract as features
 from captioning.features import tuning
 from captioning.features.encoders import EncoderSpec, build_encoder
 from captioning.features.images import load_image
 from captioning.config import ExtractConfig
-from captioning.features.extract import Preprocess, extract_features
+from captioning.features.decoding import Preprocess
+from captioning.features.extract import extract_features
 from captioning.config import ModelConfig
 from captioning.models.decoders import build_decoder
 from captioning.config import SearchConfig
@@ -117,14 +118,14 @@ def test_background_decoding_yields_the_inline_batches(paths, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(paths[0].read_bytes()[:200])
     files = [str(p) for p in paths[:4]] + [str(broken)] + [str(p) for p in paths[4:]]
-    inline = list(features._threaded_batches(files, 2, prep, 5, 0))
+    inline = list(decoding._threaded_batches(files, 2, prep, 5, 0))
     assert [rows for rows, _, _ in inline] == [[2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12]]
     assert inline[0][2] == [True, True, False, True, True]
     for threads in (1, 3):
-        ahead = list(features._threaded_batches(files, 2, prep, 5, threads))
+        ahead = list(decoding._threaded_batches(files, 2, prep, 5, threads))
         assert [(r, ok) for r, _, ok in ahead] == [(r, ok) for r, _, ok in inline]
         assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(ahead, inline))
-    stream = features._threaded_batches(files, 0, prep, 2, 2)
+    stream = decoding._threaded_batches(files, 0, prep, 2, 2)
     next(stream)
     stream.close()
 

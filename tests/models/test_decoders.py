@@ -9,7 +9,8 @@ from captioning.data.datasets import load_dataset
 from captioning.deploy.onnx_export import export_onnx
 from captioning.results.outputs import OutputConfig
 from captioning.training.checkpoint import export_model, load_checkpoint
-from captioning.models.decoders import DECODERS, Decoder, build_decoder
+from captioning.models.contract import Decoder
+from captioning.models.decoders import DECODERS, build_decoder
 from captioning.config import SearchConfig
 from captioning.search.torch_search import beam_search, greedy_search
 from tests.helpers import copy_cache, run_training

@@ -1,10 +1,17 @@
-"""Decoders: shapes, the packed/sorted training pass against a plain step-by-step pass, attention sums."""
+"""Decoders (models/): every registered decoder, step by step against teacher forcing, search against its
+own teacher-forced scores, the mirror reading and ensembles; attention sums, the penalty, feature norms."""
 import pytest
 import torch
 
-from captioning.models.decoders import AttentionDecoder, build_decoder, caption_loss
-from captioning.config import ModelConfig
+from captioning.config import ModelConfig, SearchConfig
 from captioning.data.vocab import END, PAD, START
+from captioning.models.attention import AttentionDecoder
+from captioning.models.contract import caption_loss
+from captioning.models.decoders import DECODERS, build_decoder
+from captioning.models.ensemble import Ensemble, MirrorPair
+from captioning.search.torch_search import beam_search
+
+SIZES = dict(vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16, attention_dim=8, dropout=0.0)
 
 
 def make_batch(b=5, vocab=20, cells=6, channels=8, seed=0):
@@ -18,35 +25,98 @@ def make_batch(b=5, vocab=20, cells=6, channels=8, seed=0):
     return grid, captions, lengths
 
 
-def stepwise_loss(decoder, features, captions, lengths):
-    """Reference: run `step` one token at a time per caption, no packing, no sorting."""
-    logits, targets = [], []
+def make_decoder(name, seed=0, **sizes):
+    torch.manual_seed(seed)
+    return build_decoder(ModelConfig(decoder=name, **{**SIZES, **sizes})).eval()
+
+
+def features_for(decoder, grid):
+    return grid if decoder.uses_grid else grid.mean(1)
+
+
+def stepwise(decoder, features, captions, lengths):
+    """Reference: run `step` one token at a time per caption, no packing, no sorting: (logits, targets, alphas)."""
+    logits, targets, alphas = [], [], []
     for i in range(len(lengths)):
         state = decoder.init_state(features[i:i + 1])
         for t in range(int(lengths[i]) - 1):
-            out, state, _ = decoder.step(captions[i:i + 1, t], state)
+            out, state, alpha = decoder.step(captions[i:i + 1, t], state)
             logits.append(out)
             targets.append(captions[i, t + 1:t + 2])
-    return caption_loss(torch.cat(logits), torch.cat(targets))
+            alphas.append(alpha)
+    return torch.cat(logits), torch.cat(targets), alphas
 
 
-def test_training_pass_equals_step_by_step_for_both_decoders():
+@pytest.mark.parametrize("name", list(DECODERS))
+@pytest.mark.parametrize("context_dim", [0, 12])
+def test_teacher_forcing_equals_step_by_step(name, context_dim):
     grid, captions, lengths = make_batch()
-    for name, feats in (("lstm", grid.mean(1)), ("attention", grid)):
-        torch.manual_seed(0)
-        decoder = build_decoder(ModelConfig(decoder=name, vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16,
-                                            attention_dim=8, dropout=0.0)).eval()
-        logits, targets, _ = decoder(feats, captions, lengths)
-        assert len(targets) == int((lengths - 1).sum())  # no padded position is projected
-        fast = caption_loss(logits, targets)
-        assert torch.allclose(fast, stepwise_loss(decoder, feats, captions, lengths), atol=1e-5), name
+    decoder = make_decoder(name, context_dim=context_dim)
+    feats = features_for(decoder, grid)
+    logits, targets, _ = decoder(feats, captions, lengths)
+    assert len(targets) == int((lengths - 1).sum())  # no padded position is projected
+    ref_logits, ref_targets, _ = stepwise(decoder, feats, captions, lengths)
+    # Packed/sorted order differs from the caption-by-caption order: compare the losses and the sorted logits.
+    assert torch.allclose(caption_loss(logits, targets), caption_loss(ref_logits, ref_targets), atol=1e-5), name
+    assert torch.allclose(logits.sort(0).values, ref_logits.sort(0).values, atol=1e-5), name
 
 
-def test_attention_weights_sum_to_one_and_padding_gets_none():
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_teacher_forcing_with_an_image_index_equals_one_row_per_caption(name):
+    """image_index: each image's features once, captions pointing at them, as training batches images."""
     grid, captions, lengths = make_batch()
-    decoder = AttentionDecoder(ModelConfig(decoder="attention", vocab_size=20, feat_dim=8, embed_dim=16,
-                                           hidden_dim=16, attention_dim=8)).eval()
-    _, _, alphas = decoder(grid, captions, lengths)
+    decoder = make_decoder(name)
+    index = torch.tensor([0, 1, 0, 2, 1])
+    feats = features_for(decoder, grid[:3])
+    shared, targets, _ = decoder(feats, captions, lengths, index)
+    per_row, targets_again, _ = decoder(feats[index], captions, lengths)
+    assert torch.equal(targets, targets_again)
+    assert torch.allclose(shared, per_row, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_search_scores_are_the_teacher_forced_log_probabilities_of_its_captions(name):
+    """What beam search reports for a caption (its summed log-probability, its attention) is what the
+    teacher-forced pass gives for the same words: search's step-by-step state handling loses nothing."""
+    grid, _, _ = make_batch()
+    decoder = make_decoder(name)
+    feats = features_for(decoder, grid)
+    cfg = SearchConfig(beam_size=3, num_captions=2, max_len=8)
+    results = beam_search(decoder, feats, cfg, keep_alphas=True)
+    for i, hyps in enumerate(results):
+        for h in hyps:
+            words = torch.tensor([[START, *h.tokens, END]])
+            logits, targets, alphas = decoder(feats[i:i + 1], words, torch.tensor([words.shape[1]]))
+            chosen = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+            if len(h.tokens) == cfg.max_len - 1:   # out of room: search closes the caption at no cost
+                chosen = chosen[:-1]
+            logp = chosen.sum()
+            assert logp.item() == pytest.approx(h.logprob, abs=1e-4), name
+            assert (h.alphas is not None) == decoder.has_attention
+            if decoder.has_attention:   # one map per step, <end>'s too
+                assert torch.allclose(torch.as_tensor(h.alphas), alphas[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_has_attention_says_whether_step_returns_a_map_and_uses_grid_what_it_reads(name):
+    grid, _, _ = make_batch()
+    decoder = make_decoder(name)
+    cls = DECODERS[name]
+    assert decoder.has_attention == cls.has_attention and decoder.uses_grid == cls.uses_grid
+    _, _, alpha = decoder.step(torch.full((len(grid),), START), decoder.init_state(features_for(decoder, grid)))
+    assert (alpha is not None) == decoder.has_attention
+    if alpha is not None:
+        assert alpha.shape == grid.shape[:2]
+        assert torch.allclose(alpha.sum(-1), torch.ones(len(grid)), atol=1e-5)
+    assert Ensemble([decoder]).has_attention == decoder.has_attention
+    assert MirrorPair(decoder).has_attention == decoder.has_attention
+    assert Ensemble([decoder, make_decoder("lstm")]).has_attention == decoder.has_attention
+
+
+@pytest.mark.parametrize("name", [n for n, cls in DECODERS.items() if cls.has_attention])
+def test_attention_weights_sum_to_one_and_padding_gets_none(name):
+    grid, captions, lengths = make_batch()
+    _, _, alphas = make_decoder(name)(grid, captions, lengths)
     steps = (lengths.sort(descending=True).values - 1)
     for i, n in enumerate(steps.tolist()):
         assert torch.allclose(alphas[i, :n].sum(-1), torch.ones(n), atol=1e-5)
@@ -62,59 +132,52 @@ def test_attention_penalty_is_the_mean_squared_shortfall_of_each_cells_total():
     assert AttentionDecoder.attention_penalty(torch.eye(3).unsqueeze(0)).item() == 0   # each cell once
 
 
-def test_feature_norm_standardises():
-    decoder = build_decoder(ModelConfig(decoder="lstm", vocab_size=10, feat_dim=3))
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_feature_norm_standardises(name):
+    decoder = build_decoder(ModelConfig(decoder=name, vocab_size=10, feat_dim=3))
     decoder.norm.set_stats([1.0, 2.0, 3.0], [2.0, 2.0, 0.0])
     out = decoder.norm(torch.tensor([[3.0, 2.0, 3.0]]))
     assert torch.allclose(out, torch.tensor([[1.0, 0.0, 0.0]]))  # std 0 is clamped, not a division by zero
 
 
-def test_ensemble_of_one_is_the_model_and_of_two_is_the_mean_probability():
-    from captioning.models.decoders import Ensemble
-    from captioning.config import SearchConfig
-    from captioning.search.torch_search import beam_search
-    grid, captions, lengths = make_batch()
-    cfg = dict(vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16, attention_dim=8, dropout=0.0)
-    torch.manual_seed(0)
-    att, lstm = (build_decoder(ModelConfig(decoder=d, **cfg)).eval() for d in ("attention", "lstm"))
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_ensemble_of_one_is_the_model_and_with_lstm_the_mean_probability(name):
+    grid, _, _ = make_batch()
+    decoder, lstm = make_decoder(name), make_decoder("lstm", seed=1)
     search = SearchConfig(beam_size=3)
-    alone = [h[0].tokens for h in beam_search(att, grid, search)]
-    assert [h[0].tokens for h in beam_search(Ensemble([att]), grid, search)] == alone
+    alone = [h[0].tokens for h in beam_search(decoder, features_for(decoder, grid), search)]
+    assert [h[0].tokens for h in beam_search(Ensemble([decoder]), features_for(decoder, grid), search)] == alone
 
-    both = Ensemble([att, lstm])
-    assert both.uses_grid                                    # the lstm member gets the grid's mean
-    state = both.init_state(grid)
+    both = Ensemble([decoder, lstm])
+    assert both.uses_grid == decoder.uses_grid               # the lstm member gets the grid's mean
+    feats = features_for(both, grid)
     tokens = torch.full((len(grid),), START)
-    logp, _, alpha = both.step(tokens, state)
-    a, _, _ = att.step(tokens, att.init_state(grid))
+    logp, _, alpha = both.step(tokens, both.init_state(feats))
+    a, _, plain_alpha = decoder.step(tokens, decoder.init_state(features_for(decoder, grid)))
     b, _, _ = lstm.step(tokens, lstm.init_state(grid.mean(1)))
     expected = ((a.log_softmax(-1).exp() + b.log_softmax(-1).exp()) / 2).log()
     assert torch.allclose(logp, expected, atol=1e-5)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(len(grid)), atol=1e-5)
-    assert torch.allclose(alpha.sum(-1), torch.ones(len(grid)), atol=1e-5)  # only the attention member's
+    assert (alpha is None) == (plain_alpha is None)          # only the attention member's map
+    if alpha is not None:
+        assert torch.equal(alpha, plain_alpha)
 
 
-@pytest.mark.parametrize("decoder", ["attention", "lstm"])
-def test_mirror_pair_averages_the_two_readings_and_shows_the_plain_ones_attention(decoder):
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_mirror_pair_averages_the_two_readings_and_shows_the_plain_ones_attention(name):
     """MirrorPair: features [B, P, 2C] = the photo's and its mirror image's; word probabilities are the mean
     of the decoder's on each half; two equal halves give exactly the plain decoder's search."""
-    from captioning.models.decoders import MirrorPair
-    from captioning.config import SearchConfig
-    from captioning.search.torch_search import beam_search
     grid, _, _ = make_batch()
     mirrored = torch.randn(grid.shape, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    d = build_decoder(ModelConfig(decoder=decoder, vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16,
-                                  attention_dim=8, dropout=0.0)).eval()
-    if not d.uses_grid:
-        grid, mirrored = grid.mean(1), mirrored.mean(1)
+    d = make_decoder(name)
+    grid, mirrored = features_for(d, grid), features_for(d, mirrored)
     pair = MirrorPair(d)
     tokens = torch.full((len(grid),), START)
     logp, _, alpha = pair.step(tokens, pair.init_state(torch.cat([grid, mirrored], -1)))
     a, _, plain_alpha = d.step(tokens, d.init_state(grid))
     b, _, _ = d.step(tokens, d.init_state(mirrored))
     assert torch.allclose(logp.exp(), (a.softmax(-1) + b.softmax(-1)) / 2, atol=1e-6)
-    assert (alpha is None) == (plain_alpha is None)
+    assert (alpha is None) == (plain_alpha is None) == (not d.has_attention)
     if alpha is not None:
         assert torch.equal(alpha, plain_alpha)
     cfg = SearchConfig(beam_size=3)

@@ -280,7 +280,7 @@ def test_shard_ranges_cover_every_row_once_in_whole_batches(n, world, align):
 def test_weighted_parts_give_the_whole_batch_gradient(decoder, monkeypatch):
     """What DDP computes with 2 ranks — the mean of each rank's gradient of its weighted loss — is the
     single-process gradient of the whole batch, although the parts hold different numbers of tokens."""
-    from captioning.training import train as train_mod
+    from captioning.training import optim
     torch.manual_seed(0)
     cfg = TrainConfig(att_reg=1.0, label_smoothing=0.1,
                       model=ModelConfig(decoder=decoder, vocab_size=30, feat_dim=8, embed_dim=8, hidden_dim=16,
@@ -312,7 +312,7 @@ def test_weighted_parts_give_the_whole_batch_gradient(decoder, monkeypatch):
         parts.append(grads(part, weights))
     for g, g0, g1 in zip(whole, *parts):
         torch.testing.assert_close((g0 + g1) / world, g, rtol=1e-5, atol=1e-6)
-    assert train_mod.amp_dtype(torch.device("cpu"), True) is None   # no mixed precision off CUDA
+    assert optim.amp_dtype(torch.device("cpu"), True) is None   # no mixed precision off CUDA
 
 
 def test_train_options_parse():

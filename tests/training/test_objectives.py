@@ -136,3 +136,44 @@ def test_scst_resume_is_exact(xe_start, shapes_data, tmp_path):
         assert ha["train_reward"] == pytest.approx(hb["train_reward"], rel=1e-6)
     for k in a["decoder_state"]:
         assert torch.allclose(a["decoder_state"][k], b["decoder_state"][k], atol=1e-6), k
+
+
+def test_an_objective_alone_decides_its_rate_start_and_epoch_zero(xe_start, shapes_data, tmp_path, monkeypatch):
+    """train.py asks the objective, never its name: a new objective with its own learning rate, start
+    checkpoint and epoch-0 scoring trains with no change to the loop. Its rate 0 keeps the start's weights."""
+    from captioning.interfaces.demo import demo_configs
+    from captioning.config import ExtractConfig
+    start = xe_start / "models" / "best.pt"
+
+    class Frozen(objectives.CrossEntropy):
+        scores_start = True
+
+        @staticmethod
+        def learning_rate(cfg):
+            return 0.0
+
+        @staticmethod
+        def start_from(workdir, cfg):
+            return start
+
+    monkeypatch.setitem(OBJECTIVES, "frozen", Frozen)
+    work = tmp_path / "w"
+    import shutil
+    shutil.copytree(xe_start / "cache", work / "cache")
+    spec, cfg = demo_configs(epochs=1, seed=0)
+    cfg.objective, cfg.dev_images = "frozen", 20
+    best = train(shapes_data, work, cfg, spec, ExtractConfig(device="cpu", num_workers=1))
+    last = torch.load(work / "models" / "last.pt", weights_only=True)
+    assert [h["epoch"] for h in last["history"]] == [0, 1]           # the start was scored as epoch 0
+    assert last["history"][1]["lr"] == 0.0 and last["train_config"]["init_from"] == str(start)
+    begun = torch.load(start, weights_only=True)
+    assert last["vocab"] == begun["vocab"]
+    assert all(torch.equal(last["decoder_state"][k], v) for k, v in begun["decoder_state"].items())
+    assert torch.load(best, weights_only=True)["epoch"] == 0           # nothing beat the unchanged start
+
+
+def test_the_training_loop_never_names_an_objective():
+    from pathlib import Path
+    import captioning.training.train as loop
+    source = Path(loop.__file__).read_text()
+    assert "objective ==" not in source and "objective !=" not in source and '"scst"' not in source

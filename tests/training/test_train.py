@@ -120,7 +120,7 @@ def cfg_lr():
 
 def test_cosine_schedule_falls_from_the_full_rate_towards_zero():
     from captioning.config import TrainConfig
-    from captioning.training.train import make_scheduler
+    from captioning.training.optim import make_scheduler
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched, lrs = make_scheduler(opt, TrainConfig(epochs=4, lr_schedule="cosine")), []
     for _ in range(4):
@@ -163,7 +163,7 @@ def test_fused_optimizer_steps_like_the_plain_one_and_shares_its_state():
     from captioning.config import ModelConfig
     from captioning.models.decoders import build_decoder
     from captioning.config import TrainConfig
-    from captioning.training.train import make_optimizer
+    from captioning.training.optim import make_optimizer
     cfg = TrainConfig()
     torch.manual_seed(0)
     a = build_decoder(ModelConfig(decoder="attention", vocab_size=50, feat_dim=16, embed_dim=8, hidden_dim=16,
@@ -199,7 +199,7 @@ def test_optimizer_is_plain_adamw_where_torch_has_no_fused_kernel(monkeypatch):
     """On a torch or device without the fused kernel (AdamW(fused=True) raises), training still gets an AdamW
     over all the parameters, with the configured learning rate."""
     from captioning.config import TrainConfig
-    from captioning.training.train import make_optimizer
+    from captioning.training.optim import make_optimizer
     real = torch.optim.AdamW
 
     def without_fused(params, fused=None, **kwargs):
