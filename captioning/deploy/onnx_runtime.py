@@ -165,6 +165,7 @@ class OnnxDecoder:
         self.keys, self.changing, self.per_image = state["keys"], state["changing"], tuple(state["per_image"])
         self.has_alpha = bool(state["alpha"])
         self.uses_grid = uses_grid
+        self.has_attention = self.has_alpha   # the step graph returns attention weights to draw
 
     def init_state(self, grid):
         return dict(zip(self.keys, self.init.run(self.keys, {"grid": grid})))
@@ -296,7 +297,7 @@ def caption_files(captioner, inputs, cfg: SearchConfig, paths=None, outputs=None
 
     def stream(photos, sink):
         return _caption_stream(captioner, photos, cfg, sink, opts.attention)
-    return caption_photos(stream, inputs, opts, paths, captioner.decoder.uses_grid)
+    return caption_photos(stream, inputs, opts, paths, captioner.decoder.has_attention)
 
 
 def _caption_stream(captioner, photos, cfg, sink, keep_alphas):

@@ -163,7 +163,7 @@ def caption_files(captioner, inputs, cfg: SearchConfig, outputs=None, paths=None
             return _caption_stream(captioner, photos, cfg, sink, opts.attention, batch_size, workdir)
         finally:
             torch.set_num_threads(threads)
-    return caption_photos(stream, inputs, opts, paths, captioner.decoder.uses_grid)
+    return caption_photos(stream, inputs, opts, paths, captioner.decoder.has_attention)
 
 
 def _caption_stream(captioner, photos, cfg, sink, keep_alphas, batch_size, workdir):

@@ -347,7 +347,7 @@ def model_card(captioner, path):
     ckpt, cfg = captioner.ckpt, captioner.config
     summary = summarize(ckpt)
     st.markdown(md(describe(summary)))
-    attends = getattr(DECODERS.get(cfg.decoder), "uses_grid", False)   # the attention decoders
+    attends = getattr(DECODERS.get(cfg.decoder), "has_attention", False)   # the attention decoders
     sizes = f"embedding {cfg.embed_dim}, hidden {cfg.hidden_dim}" + (f", attention {cfg.attention_dim}" if attends
                                                                      else "")
     facts = {"file": "built-in model" if path == BUILTIN else str(path),   # not where the package is installed
@@ -435,7 +435,7 @@ def caption_page(captioner, model_key, settings, args):
         st.info("Upload photos, or type the path of a photo or a folder, to caption them." if
                 path_box_allowed(args) else "Upload photos to caption them.")
         return
-    if attention and not captioner.decoder.uses_grid:
+    if attention and not captioner.decoder.has_attention:
         st.caption("This model has no attention (lstm decoder), so there are no attention maps.")
     segmenter = None
     if segmentation:

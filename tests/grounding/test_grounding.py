@@ -81,7 +81,7 @@ def test_the_tools_encoder_reproduces_torchvisions_classifier_and_tags_the_cat(m
 def test_guidance_off_is_the_plain_search(monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(TORCH_HOME))
     from captioning.inference.captioner import Captioner
-    from captioning.models.decoders import MirrorPair
+    from captioning.models.ensemble import MirrorPair
     from captioning.search.torch_search import search
     c = Captioner.load("default", device="cpu")
     photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples").glob("*.jpg"))]
