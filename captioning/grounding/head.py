@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from captioning.grounding.tags import words_above
+
 WORDS_FILE = Path(__file__).resolve().parents[1] / "assets" / "imagenet_words.json"
 # ImageNet's classes of people (ballplayer, groom, scuba diver): evidence that someone is in the photo.
 PERSON_KIND = "person"
@@ -73,12 +75,7 @@ class Head:
     def tags(self, probs, threshold, limit=6):
         """Per photo, [{"word", "score"}] of the words (specific names and their hypernyms: cat, animal)
         scoring at least `threshold`, best first (the more specific first among equal scores)."""
-        scores = probs @ self.member
-        out = []
-        for row in scores:
-            hits = sorted(np.flatnonzero(row >= threshold), key=lambda i: (-round(float(row[i]), 4), self.size[i]))
-            out.append([{"word": self.words[i], "score": round(float(row[i]), 4)} for i in hits[:limit]])
-        return out
+        return words_above(probs @ self.member, self.words, self.size, threshold, limit)
 
     def main_object(self, probs, threshold):
         """Per photo, (the most specific word scoring at least `threshold`, its score, its class's kind) or

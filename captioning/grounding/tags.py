@@ -83,8 +83,15 @@ def tags_from_logits(logits, tag_map: TagMap, threshold, limit=LIMIT):
     if probs.shape[-1] != len(tag_map):
         raise CaptioningError(f"The classifier gives {probs.shape[-1]} classes but the tag mapping has "
                               f"{len(tag_map)}; they do not belong together.")
+    return words_above(probs @ tag_map.matrix, tag_map.words, tag_map.size, threshold, limit)
+
+
+def words_above(scores, words, size, threshold, limit=LIMIT):
+    """[N, W] word scores -> per photo, [{"word", "score"}] of the `limit` best scoring at least `threshold`,
+    best first; among equal scores the more specific word (smaller `size`: fewer classes) first. The one rule
+    for tags, in both runtimes (grounding.head.Head.tags too)."""
     out = []
-    for row in probs @ tag_map.matrix:
-        hits = sorted(np.flatnonzero(row >= threshold), key=lambda i: (-round(float(row[i]), 4), tag_map.size[i]))
-        out.append([{"word": tag_map.words[i], "score": round(float(row[i]), 4)} for i in hits[:limit]])
+    for row in scores:
+        hits = sorted(np.flatnonzero(row >= threshold), key=lambda i: (-round(float(row[i]), 4), size[i]))
+        out.append([{"word": words[i], "score": round(float(row[i]), 4)} for i in hits[:limit]])
     return out
