@@ -11,7 +11,7 @@ from captioning.training.checkpoint import BUILTIN, checkpoint_memory, describe,
 from captioning.features.encoders import EncoderSpec, build_encoder
 from captioning.features.images import load_image
 from captioning.features.extract import pick_device
-from captioning.models.decoders import Ensemble, MirrorPair, build_decoder
+from captioning.models.decoders import Ensemble, FusedMirror, MirrorPair, build_decoder
 from captioning.config import ModelConfig
 from captioning.results.outputs import PNG_WORKERS, OutputConfig, Pending, caption_photos, make_results
 from captioning.search.numpy_search import SEARCH_BATCH
@@ -115,8 +115,13 @@ class Captioner:
 
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
         """`features` as encode(..., mirror=cfg.mirror) gives them."""
-        decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
-        return search(decoder, features, cfg, keep_alphas=keep_alphas, memory=self.memory)
+        return search(self.search_decoder(cfg), features, cfg, keep_alphas=keep_alphas, memory=self.memory)
+
+    def search_decoder(self, cfg: SearchConfig):
+        """The decoder search runs for `cfg`: the model's own, or with cfg.mirror the reading of both photos."""
+        if not cfg.mirror:
+            return self.decoder
+        return FusedMirror(self.decoder, self.grid_hw) if cfg.mirror_mode == "fused" else MirrorPair(self.decoder)
 
     def results(self, names, hyps):
         return make_results(self.vocab, self.grid_hw, names, hyps)
