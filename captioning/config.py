@@ -88,6 +88,9 @@ class SearchConfig:
                                         "features and its mirror image's, cells aligned: half the search's work) or "
                                         "pair (each read apart, their word probabilities averaged)",
                                choices=["fused", "pair"])
+    stop_early: bool = setting(True, "an image's search ends as soon as it has its beam width (or --rerank-pool) of "
+                                     "finished captions; --no-stop-early: only once no live beam is likely to beat "
+                                     "them either", action=argparse.BooleanOptionalAction)
     rerank: bool = setting(True, "choose the first caption among the model's --rerank-pool best by agreement (CIDEr-D) "
                                  "with the captions of the --neighbours most similar training photos (models that "
                                  "carry them; README, Results)", action=argparse.BooleanOptionalAction)

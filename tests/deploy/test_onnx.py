@@ -92,7 +92,8 @@ def test_numpy_beam_search_finds_torch_captions(exported):
     grid = features(captioner, 6, seed=1)
     for cfg in (SearchConfig(beam_size=1, mirror=False),
                 SearchConfig(beam_size=3, num_captions=3, diversity="beam", mirror=False),
-                SearchConfig(beam_size=4, length_alpha=0.0, block_trigrams=False, max_len=12, mirror=False)):
+                SearchConfig(beam_size=4, length_alpha=0.0, block_trigrams=False, max_len=12, mirror=False),
+                SearchConfig(beam_size=4, num_captions=4, diversity="beam", mirror=False, stop_early=False)):
         want = beam_search(captioner.decoder, grid if captioner.decoder.uses_grid else grid.mean(1), cfg,
                            keep_alphas=True)
         got = onnx_captioner.search(grid.numpy(), cfg, keep_alphas=True)
