@@ -204,6 +204,7 @@ class FusedMirror:
     def __init__(self, decoder, grid_hw):
         self.decoder, self.grid_hw = decoder, tuple(grid_hw or (0, 0))
         self.uses_grid, self.per_image = decoder.uses_grid, decoder.per_image
+        self.has_attention = getattr(decoder, "has_attention", decoder.uses_grid)
 
     def init_state(self, features):
         plain, mirror = np.split(np.asarray(features, dtype=np.float32), 2, axis=-1)

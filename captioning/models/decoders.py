@@ -307,12 +307,13 @@ class FusedMirror(nn.Module):
     """One decoder reading a photo and its mirror image as one photo: the grid it reads is the mean of the
     photo's grid and the mirror image's, flipped back so that cells line up (pooled features: the mean of
     the two). Features as MirrorPair takes them, [B, P, 2C] or [B, 2C]; one decoder row per beam where
-    MirrorPair runs two, so the search costs half as much."""
+    MirrorPair runs two, so the search costs half as much. Its attention maps lie over the photo's cells."""
 
     def __init__(self, decoder, grid_hw):
         super().__init__()
         self.decoder, self.grid_hw = decoder, tuple(grid_hw or (0, 0))
         self.uses_grid, self.per_image = decoder.uses_grid, tuple(getattr(decoder, "per_image", ()))
+        self.has_attention = getattr(decoder, "has_attention", decoder.uses_grid)   # the contract's, where it has it
 
     def init_state(self, features):
         plain, mirror = features.chunk(2, dim=-1)
