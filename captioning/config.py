@@ -81,9 +81,16 @@ class SearchConfig:
                                        "beams, often the same sentence)", choices=["sample", "beam"])
     top_p: float = setting(0.5, "diversity sample: draw from the likeliest words making up this much "
                                 "probability", "positive")
-    mirror: bool = setting(True, "also read each photo mirrored left to right and search with the mean of the two "
-                                 "readings' word probabilities (better captions, about twice the compute)",
+    mirror: bool = setting(True, "also read each photo mirrored left to right (better captions; --mirror-mode says how "
+                                 "the two readings are combined)",
                            action=argparse.BooleanOptionalAction)
+    mirror_mode: str = setting("fused", "with --mirror, how the two are read: fused (one reading of the mean of the photo's "
+                                        "features and its mirror image's, cells aligned: half the search's work) or "
+                                        "pair (each read apart, their word probabilities averaged)",
+                               choices=["fused", "pair"])
+    stop_early: bool = setting(True, "an image's search ends as soon as it has its beam width (or --rerank-pool) of "
+                                     "finished captions; --no-stop-early: only once no live beam is likely to beat "
+                                     "them either", action=argparse.BooleanOptionalAction)
     rerank: bool = setting(True, "choose the first caption among the model's --rerank-pool best by agreement (CIDEr-D) "
                                  "with the captions of the --neighbours most similar training photos (models that "
                                  "carry them; README, Results)", action=argparse.BooleanOptionalAction)

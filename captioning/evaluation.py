@@ -57,7 +57,8 @@ def evaluate_model(run: EvalRun, search_cfg: SearchConfig | None = None):
     output = run.output or report_path(models_dir(run.workdir), run.split)
     settings = {"split": run.split, "images": len(records), "model": str(captioner.source),
                 "beam_size": search_cfg.beam_size, "length_alpha": search_cfg.length_alpha,
-                "max_len": search_cfg.max_len, "mirror": search_cfg.mirror,
+                "max_len": search_cfg.max_len, "mirror": search_cfg.mirror, "mirror_mode": search_cfg.mirror_mode,
+                "stop_early": search_cfg.stop_early,
                 "rerank": search_cfg.rerank and captioner.memory is not None, "rerank_pool": search_cfg.rerank_pool,
                 "neighbours": search_cfg.neighbours}
     write_report(output, scores, [{"image": k, "caption": c, "references": r.captions}

@@ -25,7 +25,8 @@ def test_evaluate_model_captions_the_split_and_scores_its_report(attention_model
     assert [c["image"] for c in written["captions"]] == [str(r.image) for r in val]   # every image, in order
     assert written["settings"] == {"split": "val", "images": len(val), "model": str(ckpt), "beam_size": 2,
                                    "length_alpha": SearchConfig().length_alpha, "max_len": SearchConfig().max_len,
-                                   "mirror": True, "rerank": True, "rerank_pool": 10, "neighbours": 30}
+                                   "mirror": True, "mirror_mode": "fused", "stop_early": True, "rerank": True,
+                                   "rerank_pool": 10, "neighbours": 30}
     assert written["scores"] == scores and scores["CIDEr-D"] > 0
     # The captions are the model's beam search on the cached features (7 at a time as all at once), and
     # the scores are evaluate.py's on them.

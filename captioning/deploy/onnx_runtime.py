@@ -16,6 +16,7 @@ Beam search stays in code (npsearch.py), written once over numpy. This module mu
 not even indirectly: tests run it where importing torch fails.
 """
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -197,6 +198,29 @@ class MirrorPair:
         return logp.astype(np.float32), new, outs[0][2]   # attention: the plain reading's
 
 
+class FusedMirror:
+    """models.FusedMirror over numpy: one reading of the mean of the photo's features and its mirror image's
+    (the mirror's grid flipped back along the width so that cells line up): one decoder row per beam."""
+
+    def __init__(self, decoder, grid_hw):
+        self.decoder, self.grid_hw = decoder, tuple(grid_hw or (0, 0))
+        self.uses_grid, self.per_image = decoder.uses_grid, decoder.per_image
+        self.has_attention = getattr(decoder, "has_attention", decoder.uses_grid)
+
+    def init_state(self, features):
+        plain, mirror = np.split(np.asarray(features, dtype=np.float32), 2, axis=-1)
+        if mirror.ndim == 3:
+            b, p, c = mirror.shape
+            h, w = self.grid_hw if self.grid_hw[0] * self.grid_hw[1] == p else (math.isqrt(p),) * 2
+            if h * w != p:
+                raise ValueError(f"a grid of {p} cells is not {h}x{w}: its width is unknown")
+            mirror = mirror.reshape(b, h, w, c)[:, :, ::-1].reshape(b, p, c)
+        return self.decoder.init_state(np.ascontiguousarray((plain + mirror) / np.float32(2)))
+
+    def step(self, tokens, state):
+        return self.decoder.step(tokens, state)
+
+
 class TaggedHyps(list):
     """One photo's hypotheses, best first, and its keywords (as grounded.GroundedHyps carries its grounding)."""
 
@@ -261,9 +285,14 @@ class OnnxCaptioner:
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
         """`features` as encode(..., mirror=cfg.mirror) gives them. Each photo's hypotheses come as a
         TaggedHyps: its keywords travel with them to `results`."""
-        decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
-        found = search(decoder, features, cfg, keep_alphas, memory=self.memory)
+        found = search(self.search_decoder(cfg), features, cfg, keep_alphas, memory=self.memory)
         return [TaggedHyps(hyps, tags) for hyps, tags in zip(found, self.tags(features, cfg.tag_threshold))]
+
+    def search_decoder(self, cfg: SearchConfig):
+        """As Captioner.search_decoder: the decoder alone, or with cfg.mirror the reading of both photos."""
+        if not cfg.mirror:
+            return self.decoder
+        return FusedMirror(self.decoder, self.grid_hw) if cfg.mirror_mode == "fused" else MirrorPair(self.decoder)
 
     def results(self, names, hyps):
         results = make_results(self.vocab, self.grid_hw, names, hyps)

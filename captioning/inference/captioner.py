@@ -12,7 +12,7 @@ from captioning.features.encoders import EncoderSpec, build_encoder
 from captioning.features.images import load_image
 from captioning.features.extract import pick_device
 from captioning.models.decoders import build_decoder
-from captioning.models.ensemble import Ensemble, MirrorPair
+from captioning.models.ensemble import Ensemble, FusedMirror, MirrorPair
 from captioning.config import ModelConfig
 from captioning.results.outputs import PNG_WORKERS, OutputConfig, Pending, caption_photos, make_results
 from captioning.search.numpy_search import SEARCH_BATCH
@@ -123,11 +123,17 @@ class Captioner:
 
     def search(self, features, cfg: SearchConfig, keep_alphas=False):
         """`features` as encode(..., mirror=cfg.mirror) gives them."""
-        decoder = MirrorPair(self.decoder) if cfg.mirror else self.decoder
+        decoder = self.search_decoder(cfg)
         if cfg.guidance and self.grounder() is not None:
             from captioning.search.guided import guided_search
             return guided_search(self.grounder(), decoder, features, cfg, keep_alphas, self.memory)
         return search(decoder, features, cfg, keep_alphas=keep_alphas, memory=self.memory)
+
+    def search_decoder(self, cfg: SearchConfig):
+        """The decoder search runs for `cfg`: the model's own, or with cfg.mirror the reading of both photos."""
+        if not cfg.mirror:
+            return self.decoder
+        return FusedMirror(self.decoder, self.grid_hw) if cfg.mirror_mode == "fused" else MirrorPair(self.decoder)
 
     def results(self, names, hyps):
         from captioning.grounding.guidance import result_extras

@@ -56,3 +56,36 @@ class MirrorPair(Ensemble):
 
     def attention(self, alphas):
         return alphas[0] if alphas else None
+
+
+def align_mirror(mirror, grid_hw):
+    """The mirror image's grid [B, P, C] flipped back along its width, so that its cell i lies over the same
+    part of the scene as the photo's cell i. grid_hw: the grid's (rows, columns); (0, 0) or a size that does
+    not match P: a square grid."""
+    b, p, c = mirror.shape
+    h, w = grid_hw if grid_hw and grid_hw[0] * grid_hw[1] == p else (math.isqrt(p),) * 2
+    if h * w != p:
+        raise ValueError(f"a grid of {p} cells is not {h}x{w}: its width is unknown")
+    return mirror.reshape(b, h, w, c).flip(2).reshape(b, p, c)
+
+
+class FusedMirror(nn.Module):
+    """One decoder reading a photo and its mirror image as one photo: the grid it reads is the mean of the
+    photo's grid and the mirror image's, flipped back so that cells line up (pooled features: the mean of
+    the two). Features as MirrorPair takes them, [B, P, 2C] or [B, 2C]; one decoder row per beam where
+    MirrorPair runs two, so the search costs half as much. Its attention maps lie over the photo's cells."""
+
+    def __init__(self, decoder, grid_hw):
+        super().__init__()
+        self.decoder, self.grid_hw = decoder, tuple(grid_hw or (0, 0))
+        self.uses_grid, self.per_image = decoder.uses_grid, tuple(getattr(decoder, "per_image", ()))
+        self.has_attention = getattr(decoder, "has_attention", decoder.uses_grid)   # the contract's, where it has it
+
+    def init_state(self, features):
+        plain, mirror = features.chunk(2, dim=-1)
+        if features.dim() == 3:
+            mirror = align_mirror(mirror, self.grid_hw)
+        return self.decoder.init_state((plain + mirror) / 2)
+
+    def step(self, tokens, state):
+        return self.decoder.step(tokens, state)

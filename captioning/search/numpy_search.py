@@ -149,9 +149,12 @@ def going_on(is_end, beam, word, top_scores, k):
 
 
 def done(hyps, best_live, k_kept, t, cfg):
-    """Enough finished captions, and no live beam likely to beat the worst of them (see search.beam_search)."""
+    """Enough finished captions and, unless cfg.stop_early, no live beam likely to beat the worst of them (see
+    search.beam_search)."""
     if len(hyps) < k_kept:
         return False
+    if cfg.stop_early:
+        return True
     worst_kept = sorted(h.score for h in hyps)[-k_kept]
     return best_live == float("-inf") or worst_kept >= best_live / (t + 2) ** cfg.length_alpha
 

@@ -69,9 +69,10 @@ def beam_search(decoder, features, cfg: SearchConfig = SearchConfig(), keep_alph
             finished[active[i]].append(hyp)
         sel_beam, sel_word, sel_scores = _going_on(is_end, beam, word, top_scores, k)
 
-        # An image is done once it has enough finished captions and no live beam is likely to beat the worst
-        # of them. With alpha 0 this is exact (a live beam's log-probability only falls); with alpha > 0 it
-        # is the usual estimate. Stopping as soon as K captions finish can miss a better, longer one.
+        # An image is done once it has enough finished captions (cfg.stop_early) or, without stop_early, once
+        # also no live beam is likely to beat the worst of them: with alpha 0 this is exact (a live beam's
+        # log-probability only falls), with alpha > 0 the usual estimate. Stopping at K finished captions can
+        # miss a better, longer one; the steps the beams run on past them are what stop_early saves.
         best_live = sel_scores.max(1).values.tolist()
         going = [i for i in range(n) if not done(finished[active[i]], best_live[i], k_kept, t, cfg)]
         if not going:

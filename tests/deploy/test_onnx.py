@@ -93,7 +93,8 @@ def test_numpy_beam_search_finds_torch_captions(exported):
     grid = features(captioner, 6, seed=1)
     for cfg in (SearchConfig(beam_size=1, mirror=False),
                 SearchConfig(beam_size=3, num_captions=3, diversity="beam", mirror=False),
-                SearchConfig(beam_size=4, length_alpha=0.0, block_trigrams=False, max_len=12, mirror=False)):
+                SearchConfig(beam_size=4, length_alpha=0.0, block_trigrams=False, max_len=12, mirror=False),
+                SearchConfig(beam_size=4, num_captions=4, diversity="beam", mirror=False, stop_early=False)):
         want = beam_search(captioner.decoder, grid if captioner.decoder.uses_grid else grid.mean(1), cfg,
                            keep_alphas=True)
         got = onnx_captioner.search(grid.numpy(), cfg, keep_alphas=True)
@@ -101,6 +102,23 @@ def test_numpy_beam_search_finds_torch_captions(exported):
         assert np.allclose([h.score for hs in got for h in hs], [h.score for hs in want for h in hs], atol=1e-4)
         if captioner.decoder.uses_grid:
             assert np.abs(np.asarray(got[0][0].alphas) - want[0][0].alphas.numpy()).max() < 1e-4
+
+
+def test_the_runtime_reads_photo_and_mirror_image_as_torch_does(exported):
+    """Both mirror modes: the fused reading's state (the mirror's grid flipped back, then averaged) and the
+    search's captions are torch's."""
+    captioner, folder = exported
+    onnx_captioner = rt.OnnxCaptioner(folder)
+    grid = features(captioner, 4, seed=2)
+    both = torch.cat([grid, features(captioner, 4, seed=3)], -1)    # the runtime's input is always the grid
+    feats = both if captioner.decoder.uses_grid else both.mean(1)
+    for mode in ("fused", "pair"):
+        cfg = SearchConfig(beam_size=3, mirror_mode=mode, rerank=False)
+        want, got = captioner.search_decoder(cfg).init_state(feats), onnx_captioner.search_decoder(cfg).init_state(both.numpy())
+        assert set(got) == set(want) and all(np.abs(got[k] - want[k].detach().numpy()).max() < 1e-4 for k in want)
+        assert [[h.tokens for h in hs] for hs in onnx_captioner.search(both.numpy(), cfg)] == \
+            [[h.tokens for h in hs] for hs in captioner.search(feats, cfg)]
+    assert isinstance(onnx_captioner.search_decoder(SearchConfig()), rt.FusedMirror)
 
 
 def test_the_runtime_preprocesses_photos_exactly_as_captioning_does(exports, tmp_path):
@@ -122,7 +140,8 @@ def test_the_runtime_preprocesses_photos_exactly_as_captioning_does(exports, tmp
 def test_captioning_files_gives_the_torch_captions_png_and_json(exported, tmp_path):
     captioner, folder = exported
     onnx_captioner = rt.OnnxCaptioner(folder)
-    for cfg in (SearchConfig(beam_size=3, mirror=False), SearchConfig()):   # the default reads photos mirrored too
+    # The default reads photos mirrored too (one fused reading); "pair" is the two readings searched apart.
+    for cfg in (SearchConfig(beam_size=3, mirror=False), SearchConfig(mirror_mode="pair"), SearchConfig()):
         want = caption_files(captioner, EXAMPLES, cfg, outputs=OutputConfig(png=False))
         got = rt.caption_files(onnx_captioner, EXAMPLES, cfg, outputs=OutputConfig(output=str(tmp_path / "pngs")))
         assert [r.captions for r in got] == [r.captions for r in want]

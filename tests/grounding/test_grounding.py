@@ -81,13 +81,12 @@ def test_the_tools_encoder_reproduces_torchvisions_classifier_and_tags_the_cat(m
 def test_guidance_off_is_the_plain_search(monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(TORCH_HOME))
     from captioning.inference.captioner import Captioner
-    from captioning.models.ensemble import MirrorPair
     from captioning.search.torch_search import search
     c = Captioner.load("default", device="cpu")
     photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples").glob("*.jpg"))]
     off = SearchConfig(guidance=False)
     feats = c.encode(photos, mirror=True)
-    plain = [[c.vocab.decode(h.tokens) for h in hs] for hs in search(MirrorPair(c.decoder), feats, off, memory=c.memory)]
+    plain = [[c.vocab.decode(h.tokens) for h in hs] for hs in search(c.search_decoder(off), feats, off, memory=c.memory)]
     assert [r.captions for r in c.caption_pil(photos, off)] == plain
     assert all(r.tags == [] for r in c.caption_pil(photos, off))
 

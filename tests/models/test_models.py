@@ -183,3 +183,38 @@ def test_mirror_pair_averages_the_two_readings_and_shows_the_plain_ones_attentio
     cfg = SearchConfig(beam_size=3)
     same = [h[0].tokens for h in beam_search(pair, torch.cat([grid, grid], -1), cfg)]
     assert same == [h[0].tokens for h in beam_search(d, grid, cfg)]
+
+
+@pytest.mark.parametrize("decoder", ["attention", "lstm"])
+def test_fused_mirror_reads_the_mean_of_the_photo_and_its_aligned_mirror_image_one_row_a_beam(decoder):
+    """FusedMirror: features as MirrorPair takes them; the decoder reads one grid, the photo's averaged with
+    the mirror image's flipped back along the width (cell (r, c) of a 2x3 grid over cell (r, 2 - c) of the
+    mirror's), so a mirror half that is the photo's grid flipped gives exactly the plain decoder's search,
+    at one decoder row per beam."""
+    from captioning.models.ensemble import FusedMirror, align_mirror
+    from captioning.config import SearchConfig
+    from captioning.search.torch_search import beam_search
+    grid, _, _ = make_batch()                                        # [5, 6, 8]: a 2x3 grid
+    torch.manual_seed(0)
+    d = build_decoder(ModelConfig(decoder=decoder, vocab_size=20, feat_dim=8, embed_dim=16, hidden_dim=16,
+                                  attention_dim=8, dropout=0.0)).eval()
+    flipped = grid.view(5, 2, 3, 8).flip(2).reshape(5, 6, 8)       # what the mirror image's grid looks like
+    assert torch.equal(align_mirror(flipped, (2, 3)), grid)
+    assert not torch.equal(align_mirror(flipped, (3, 2)), grid)      # the width is the grid's second size
+    features = torch.cat([grid, flipped], -1) if d.uses_grid else torch.cat([grid, flipped], -1).mean(1)
+    fused = FusedMirror(d, (2, 3))
+    assert fused.per_image == d.per_image and fused.uses_grid == d.uses_grid
+    other = torch.randn(grid.shape, generator=torch.Generator().manual_seed(1))
+    both = torch.cat([grid, other], -1) if d.uses_grid else torch.cat([grid, other], -1).mean(1)
+    want = d.init_state(((grid + align_mirror(other, (2, 3))) / 2) if d.uses_grid else (grid + other).mean(1) / 2)
+    got = fused.init_state(both)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+    rows = []
+    step = d.step
+    d.step = lambda tokens, state: (rows.append(len(tokens)), step(tokens, state))[1]
+    cfg = SearchConfig(beam_size=3, num_captions=2, diversity="beam")
+    found = [[h.tokens for h in hs] for hs in beam_search(fused, features, cfg)]
+    fused_rows, rows[:] = sum(rows), []
+    plain = [[h.tokens for h in hs] for hs in beam_search(d, grid if d.uses_grid else grid.mean(1), cfg)]
+    assert found == plain and fused_rows == sum(rows)               # the same search, no second reading

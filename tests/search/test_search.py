@@ -180,3 +180,27 @@ def test_leaving_photos_keep_the_going_photos_rows(runtime):
     order, fixed = keep([1, 3], n, 1, k, {"x": wrap(rows[:n].copy())})
     assert order == [1, 3] and (back(fixed["x"]) == np.repeat(rows[[1, 3]], k, 0)).all()
     assert npsearch.keep_order([1, 2], 4) == [2, 1] and npsearch.keep_order([0, 1, 2, 3], 4) == [0, 1, 2, 3]
+
+
+def test_a_photo_stops_once_it_has_its_captions_unless_told_otherwise():
+    """stop_early (the default): a photo's search ends at the step at which its K-th caption finishes, even
+    when a live beam might still beat them; --no-stop-early waits for that beam, as the search did before.
+    `done` is shared by the torch and numpy searches (tests/deploy/test_onnx.py: the same captions)."""
+    from captioning.search.numpy_search import Hypothesis, done
+    hyps = [Hypothesis([5], -3.0, -3.0), Hypothesis([6], -2.0, -2.0)]
+    assert SearchConfig().stop_early
+    assert done(hyps, -1.0, 2, 3, SearchConfig())                                  # a live beam at -1 may win
+    assert not done(hyps, -1.0, 2, 3, SearchConfig(stop_early=False))
+    assert done(hyps, -90.0, 2, 3, SearchConfig(stop_early=False))                 # none can: done either way
+    assert not done(hyps[:1], -9.0, 2, 3, SearchConfig())                           # not yet K captions
+    captioner = Captioner.load(BUILTIN, device="cpu")
+    norm = captioner.decoder.norm
+    feats = torch.randn(6, 49, norm.mean.shape[0], generator=torch.Generator().manual_seed(2)) * norm.std + norm.mean
+    rows, found = {}, {}
+    for stop in (True, False):
+        counting = CountingDecoder(captioner.decoder)
+        found[stop] = beam_search(counting, feats, SearchConfig(beam_size=4, num_captions=4, diversity="beam",
+                                                                stop_early=stop))
+        rows[stop] = sum(counting.rows)
+    assert rows[True] < rows[False]                   # some photo's search went on past its 4 captions before
+    assert all(len(h) == 4 for h in found[True])
