@@ -70,7 +70,8 @@ class ModelConfig:
 
 @dataclass
 class SearchConfig:
-    beam_size: int = setting(5, "beam width (1 = greedy)", "positive")
+    beam_size: int = setting(5, "beam width (1 = greedy); with re-ranking on, the search is max(--beam-size, "
+                                "--rerank-pool) wide", "positive")
     max_len: int = setting(20, "longest caption in words", "positive")
     length_alpha: float = setting(0.7, "beam ranking: log-probability / length**alpha (0 favours short "
                                        "captions, 1 is the mean per word)")
@@ -87,7 +88,8 @@ class SearchConfig:
     rerank: bool = setting(True, "choose the first caption among the model's --rerank-pool best by agreement (CIDEr-D) "
                                  "with the captions of the --neighbours most similar training photos (models that "
                                  "carry them; README, Results)", action=argparse.BooleanOptionalAction)
-    rerank_pool: int = setting(10, "re-ranking: beam width and the number of candidates", "positive")
+    rerank_pool: int = setting(10, "re-ranking: the number of candidates, and the beam width when wider than "
+                                   "--beam-size (the search is max(--beam-size, --rerank-pool) wide)", "positive")
     neighbours: int = setting(30, "re-ranking: training photos whose captions vote", "positive")
     seed: int = 0                  # diversity "sample": the same photo gets the same captions (--seed)
     guidance: bool = setting(True, "ground the caption in what the encoder's ImageNet classifier and the word detectors "

@@ -286,7 +286,7 @@ def test_the_menu_option_without_streamlit_is_one_line_and_the_menu_goes_on(monk
     from rich.console import Console
     monkeypatch.setitem(sys.modules, "streamlit", None)
     monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
-    monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("7\n8\n"))
     assert cli_module.main(["--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Open the web dashboard" in out and out.count("Choose:") == 2
@@ -379,7 +379,7 @@ def test_ctrl_c_stops_the_dashboard_and_the_menu_comes_back(fake_server, monkeyp
     from rich.console import Console
     FakeServer.plays = KeyboardInterrupt()      # the user's Ctrl-C reaches the menu while streamlit serves
     monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
-    monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("7\n8\n"))
     assert cli_module.main(["--workdir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "Dashboard stopped." in captured.err and "error" not in captured.out
@@ -397,7 +397,7 @@ def test_sigterm_or_sighup_in_the_menus_dashboard_stops_it_and_ends_the_menu(fak
     from rich.console import Console
     FakeServer.plays = sig
     monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
-    monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("7\n8\n"))
     start = time.time()
     with pytest.raises(SystemExit) as exit_:
         cli_module.main(["--workdir", str(tmp_path)])
