@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from captioning.interfaces import cli as cli_module
+from captioning.interfaces import launcher
 from captioning.interfaces import menu
 from captioning.inference.captioner import Captioner
 from captioning.training.checkpoint import describe, load_checkpoint, summarize
@@ -320,7 +321,7 @@ def fake_server(monkeypatch):
     FakeServer.started, FakeServer.plays = [], None
     monkeypatch.setattr(subprocess, "Popen", FakeServer)
     stops = []
-    monkeypatch.setattr(cli_module, "stop_group", lambda server, grace: stops.append(grace))
+    monkeypatch.setattr(launcher, "stop_group", lambda server, grace: stops.append(grace))
     return FakeServer, stops
 
 
@@ -424,7 +425,7 @@ def test_a_server_that_ignores_sigterm_is_killed_with_its_children(tmp_path):
     import threading
     threading.Thread(target=send_sigterm_when_ready, daemon=True).start()
     start = time.time()
-    code, stopped_by = cli_module.serve([sys.executable, "-c", stubborn], dict(os.environ), grace=1)
+    code, stopped_by = launcher.serve([sys.executable, "-c", stubborn], dict(os.environ), grace=1)
     assert (code, stopped_by) == (None, signal.SIGTERM) and time.time() - start < 20
     child = int(ready.read_text())
     wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
