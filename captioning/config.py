@@ -53,8 +53,8 @@ def fraction(text):
 
 @dataclass
 class ModelConfig:
-    decoder: str = setting("attention", "the decoder (models.DECODERS; attention: dev CIDEr-D 0.46 on Flickr8k "
-                                        "where lstm reaches 0.32)", choices=["lstm", "attention", "updown"])
+    decoder: str = setting("attention", "the decoder (models.DECODERS)",
+                           choices=["lstm", "attention", "updown"])
     vocab_size: int = 0          # set from the vocabulary
     feat_dim: int = 0            # set from the encoder's features (channels)
     embed_dim: int = setting(256, "word embedding size", "positive")
@@ -70,7 +70,8 @@ class ModelConfig:
 
 @dataclass
 class SearchConfig:
-    beam_size: int = setting(5, "beam width (1 = greedy)", "positive")
+    beam_size: int = setting(5, "beam width (1 = greedy); with re-ranking on, the search is max(--beam-size, "
+                                "--rerank-pool) wide", "positive")
     max_len: int = setting(20, "longest caption in words", "positive")
     length_alpha: float = setting(0.7, "beam ranking: log-probability / length**alpha (0 favours short "
                                        "captions, 1 is the mean per word)")
@@ -93,8 +94,9 @@ class SearchConfig:
                                      "them either", action=argparse.BooleanOptionalAction)
     rerank: bool = setting(True, "choose the first caption among the model's --rerank-pool best by agreement (CIDEr-D) "
                                  "with the captions of the --neighbours most similar training photos (models that "
-                                 "carry them; README, Results)", action=argparse.BooleanOptionalAction)
-    rerank_pool: int = setting(10, "re-ranking: beam width and the number of candidates", "positive")
+                                 "carry them; docs/results.md)", action=argparse.BooleanOptionalAction)
+    rerank_pool: int = setting(10, "re-ranking: the number of candidates, and the beam width when wider than "
+                                   "--beam-size (the search is max(--beam-size, --rerank-pool) wide)", "positive")
     neighbours: int = setting(30, "re-ranking: training photos whose captions vote", "positive")
     seed: int = 0                  # diversity "sample": the same photo gets the same captions (--seed)
     guidance: bool = setting(True, "ground the caption in what the encoder's ImageNet classifier and the word detectors "
@@ -108,7 +110,7 @@ class SearchConfig:
 @dataclass
 class TrainConfig:
     # The defaults are the built-in model's recipe: the best decoder a 2-core machine trains in about 45 minutes
-    # (each choice measured on the dev split: README, Results).
+    # (each choice measured on the dev split: docs/results.md).
     epochs: int = setting(15, "epochs to train", "positive")
     batch_size: int = setting(64, "captions a step: reference captions (xe) or sampled ones (scst)", "positive")
     lr: float = setting(5e-4, "learning rate of cross-entropy training", "positive")
@@ -131,7 +133,7 @@ class TrainConfig:
                                    "trained model", choices=["xe", "scst"])
     scst_lr: float = setting(2e-5, "scst learning rate", "positive")
     scst_samples: int = setting(5, "scst: captions sampled per image", "positive")
-    # greedy: the only baseline that raised dev CIDEr-D on Flickr8k here (README, Results).
+    # greedy: the only baseline that raised dev CIDEr-D on Flickr8k here (docs/results.md, Self-critical training).
     scst_baseline: str = setting("greedy", "scst: what a sample's reward is compared with: its image's greedy "
                                            "caption's, or the mean of the image's other samples",
                                  choices=["greedy", "mean"])

@@ -1,9 +1,9 @@
-"""Running an evaluation: a model captions every image of a dataset split and evaluate.py scores it.
+"""Running an evaluation: a model captions every image of a dataset split and metrics/scores.py scores it.
 
     split's records → cached features (extracted when missing) → batched beam search → captions
-                    → metrics (evaluate.py) → the table on the console and the JSON report
+                    → metrics (metrics/scores.py) → the table on the console and the JSON report
 
-evaluate.py only scores text, so training can score its dev captions without this module; this one needs
+metrics/scores.py only scores text, so training can score its dev captions without this module; this one needs
 a whole model (a Captioner), which is why it sits above captioner.py.
 """
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from captioning.features.extract import extract_features
 from captioning.features.prepare import prepare
 from captioning.config import SearchConfig
 from captioning.features.store import load_features
+from captioning.search.consensus import beam_width
 from captioning.utils import CaptioningError, add_task, advance_task, console, make_progress
 
 
@@ -53,13 +54,17 @@ def evaluate_model(run: EvalRun, search_cfg: SearchConfig | None = None):
     captions = caption_split(captioner, stores, records, search_cfg, run.batch_size, run.split)
     keys = [str(r.image) for r in records]
     scores = score_captions(dict(zip(keys, captions)), {str(r.image): r.captions for r in records})
-    print_metrics_table(scores, title=f"{run.split} split, {len(records):,} images, beam {search_cfg.beam_size}")
+    # The search actually run: with re-ranking, beam search is max(--beam-size, --rerank-pool) wide.
+    rerank = search_cfg.rerank and captioner.memory is not None
+    beam = beam_width(search_cfg, captioner.memory)
+    searched = f"beam {beam}" + (f", its {search_cfg.rerank_pool} best re-ranked" if rerank else "")
+    print_metrics_table(scores, title=f"{run.split} split, {len(records):,} images, {searched}")
     output = run.output or report_path(models_dir(run.workdir), run.split)
     settings = {"split": run.split, "images": len(records), "model": str(captioner.source),
-                "beam_size": search_cfg.beam_size, "length_alpha": search_cfg.length_alpha,
+                "beam_size": beam, "length_alpha": search_cfg.length_alpha,
                 "max_len": search_cfg.max_len, "mirror": search_cfg.mirror, "mirror_mode": search_cfg.mirror_mode,
                 "stop_early": search_cfg.stop_early,
-                "rerank": search_cfg.rerank and captioner.memory is not None, "rerank_pool": search_cfg.rerank_pool,
+                "rerank": rerank, "rerank_pool": search_cfg.rerank_pool,
                 "neighbours": search_cfg.neighbours}
     write_report(output, scores, [{"image": k, "caption": c, "references": r.captions}
                                   for k, c, r in zip(keys, captions, records)], settings)

@@ -6,6 +6,7 @@ import pytest
 from captioning.inference.captioner import Captioner
 from captioning.metrics.scores import score_captions
 from captioning.features.extract import extract_features
+from captioning import evaluation
 from captioning.evaluation import EvalRun, caption_split, evaluate_model
 from captioning.config import ExtractConfig
 from captioning.features.prepare import prepare
@@ -13,9 +14,12 @@ from captioning.config import SearchConfig
 from captioning.utils import CaptioningError
 
 
-def test_evaluate_model_captions_the_split_and_scores_its_report(attention_model, shapes_data, tmp_path):
+def test_evaluate_model_captions_the_split_and_scores_its_report(attention_model, shapes_data, tmp_path,
+                                                                monkeypatch):
     workdir, ckpt = attention_model   # its workdir holds the feature cache: nothing to extract
     report = tmp_path / "val.json"
+    titles = []
+    monkeypatch.setattr(evaluation, "print_metrics_table", lambda scores, title: titles.append(title))
     run = EvalRun(shapes_data, split="val", model=ckpt, workdir=workdir, device="cpu", output=report, batch_size=7)
     scores = evaluate_model(run, SearchConfig(beam_size=2))
     written = json.loads(report.read_text())
@@ -23,7 +27,9 @@ def test_evaluate_model_captions_the_split_and_scores_its_report(attention_model
     _, records, store = prepare(shapes_data, workdir, captioner.spec, ExtractConfig(device="cpu"))
     val = [r for r in records if r.split == "val"]
     assert [c["image"] for c in written["captions"]] == [str(r.image) for r in val]   # every image, in order
-    assert written["settings"] == {"split": "val", "images": len(val), "model": str(ckpt), "beam_size": 2,
+    # The search run and recorded: re-ranking widened --beam-size 2 to the pool's 10.
+    assert titles == [f"val split, {len(val):,} images, beam 10, its 10 best re-ranked"]
+    assert written["settings"] == {"split": "val", "images": len(val), "model": str(ckpt), "beam_size": 10,
                                    "length_alpha": SearchConfig().length_alpha, "max_len": SearchConfig().max_len,
                                    "mirror": True, "mirror_mode": "fused", "stop_early": True, "rerank": True,
                                    "rerank_pool": 10, "neighbours": 30}

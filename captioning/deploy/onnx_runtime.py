@@ -45,11 +45,6 @@ MAX_SIDE = 2048            # preprocess resize and crop (encoders take 224-600 p
 INSTALL = "pip install -r requirements-onnx.txt"
 
 
-def is_export(path):
-    """A folder given as a model is meant as an ONNX export (load_export says what is wrong if it is not)."""
-    return Path(path).is_dir()
-
-
 def read_config(folder):
     """config.json of an export folder, checked; every way it can be wrong is one sentence."""
     folder = Path(folder)

@@ -45,7 +45,7 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from captioning.interfaces.cli import PASSWORD_ENV, UPLOAD_MB, is_loopback  # noqa: E402
+from captioning.interfaces.launcher import PASSWORD_ENV, UPLOAD_MB, is_loopback  # noqa: E402
 from captioning.utils import CaptioningError, clean_user_path, collect_images, failure_message  # noqa: E402
 
 MAX_PHOTOS = 50        # a folder of thousands would make a page no browser can show

@@ -21,9 +21,8 @@ out = Console(highlight=False)
 
 OPTIONS = [("1", "Download a dataset (Kaggle) or choose a local one"), ("2", "Extract image features"),
            ("3", "Train a caption model"), ("4", "Caption images"), ("5", "Evaluate the model"),
-           ("6", "Quick demo (offline, about two minutes)"), ("7", "Quit"),
-           ("8", "Open the web dashboard in your browser (Ctrl-C comes back here)")]
-# The dashboard came after Quit was 7; it is 8 so that scripts and habits that quit with 7 still do.
+           ("6", "Quick demo (offline, about two minutes)"),
+           ("7", "Open the web dashboard in your browser (Ctrl-C comes back here)"), ("8", "Quit (also q)")]
 
 
 class Back(Exception):
@@ -76,6 +75,10 @@ def ask_path(prompt, default=None, want="any"):
 
 # The prompts' defaults and choices are the settings' own (config.py), as the command line's are.
 TRAIN = TrainConfig()
+SEARCH = SearchConfig()
+# The default search re-ranks (models carry a consensus memory), and then searches max(--beam-size,
+# --rerank-pool) wide: the menu asks for that width and passes it as both, so the width asked is the one used.
+SEARCH_WIDTH = max(SEARCH.beam_size, SEARCH.rerank_pool) if SEARCH.rerank else SEARCH.beam_size
 DECODER_CHOICES = next(f.metadata["choices"] for f in fields(ModelConfig) if f.name == "decoder")
 
 
@@ -176,15 +179,22 @@ def do_train(state):
                         f"--epochs={epochs}", f"--batch-size={batch}", *resume])
 
 
+def ask_search_width():
+    """The search's width as --beam-size and --rerank-pool (see SEARCH_WIDTH)."""
+    width = ask_int("Beam width (1 = greedy; with re-ranking also the candidates it chooses among)",
+                    SEARCH_WIDTH, 1, 20)
+    return [f"--beam-size={width}", f"--rerank-pool={width}"]
+
+
 def do_caption(state):
     path = ask_path("Image file or folder")
-    beam = ask_int("Beam size (1 = greedy)", SearchConfig.beam_size, 1, 20)
+    search = ask_search_width()
     attention = []
     summary = read_summary(find_model(state.args.workdir))
     if summary and summary.get("attention", summary.get("decoder") == "attention"):   # older summaries lack it
         if ask_choice("Also draw the attention maps", ["y", "n"], "n") == "y":
             attention = ["--attention"]
-    run_command(state, ["caption", "--beam-size", beam, *attention, *folder_outputs(path), "--", path])
+    run_command(state, ["caption", *search, *attention, *folder_outputs(path), "--", path])
 
 
 FOLDER_OUTPUTS = {"png": [], "csv": ["--csv=captions.csv"], "jsonl": ["--jsonl=captions.jsonl"], "txt": ["--txt"],
@@ -211,8 +221,8 @@ def folder_outputs(path):
 def do_evaluate(state):
     data = dataset_folder(state)
     split = ask_choice("Split", ["val", "test"], "test")
-    beam = ask_int("Beam size (1 = greedy)", SearchConfig.beam_size, 1, 20)
-    run_command(state, ["evaluate", f"--data={data}", f"--split={split}", f"--beam-size={beam}"])
+    search = ask_search_width()
+    run_command(state, ["evaluate", f"--data={data}", f"--split={split}", *search])
 
 
 def do_dashboard(state):
@@ -225,7 +235,7 @@ def do_demo(state):
 
 
 ACTIONS = {"1": do_download, "2": do_extract, "3": do_train, "4": do_caption, "5": do_evaluate, "6": do_demo,
-           "8": do_dashboard}
+           "7": do_dashboard}
 
 
 def run_menu(args, run_cli):
@@ -237,7 +247,7 @@ def run_menu(args, run_cli):
         except (KeyboardInterrupt, EOFError):
             out.print("\nBye.")
             return
-        if choice in ("7", "q", "quit", "exit"):
+        if choice in ("8", "q", "quit", "exit"):
             out.print("Bye.")
             return
         if choice not in ACTIONS:

@@ -80,13 +80,6 @@ def _fit(image, max_w, max_h):
     return w * scale, h * scale
 
 
-def _show(ax, image):
-    small = max(image.size) < TINY
-    # Tiny images are blown up a lot: nearest keeps the pixels crisp instead of a blur.
-    ax.imshow(np.asarray(image), interpolation="nearest" if small else "antialiased")
-    ax.set_axis_off()
-
-
 @functools.lru_cache(maxsize=4)
 def _font(px):
     """matplotlib's DejaVu Sans (matplotlib is a requirement), found without importing matplotlib; where it is

@@ -9,7 +9,7 @@ CIDEr-D against the human captions of the SearchConfig.neighbours training photo
 the best comes first. The memory is what a model carries for this: every training photo's pooled features,
 reduced to DIM dimensions by PCA (a fifth of the size; it votes as well as all 1,280 here), and their
 captions as word ids. Each choice (pool, neighbours, DIM, a plain mean instead of similarity weights) was
-measured on the dev split: README, Results.
+measured on the dev split: docs/results.md.
 
 numpy and pure Python only: the ONNX runtime re-ranks with this same code.
 """
@@ -288,6 +288,11 @@ def pool_config(cfg):
     captions 2..N."""
     return replace(cfg, beam_size=max(cfg.beam_size, cfg.rerank_pool),
                    num_captions=max(cfg.num_captions, cfg.rerank_pool), diversity="beam")
+
+
+def beam_width(cfg, memory):
+    """The beam width `candidates` searches with: the re-ranking's (pool_config) when it re-ranks, else cfg's."""
+    return pool_config(cfg).beam_size if memory is not None and cfg.rerank else cfg.beam_size
 
 
 def plain_pooled(features, channels):

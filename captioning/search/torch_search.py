@@ -1,8 +1,8 @@
 """Greedy and beam search, batched over images and beams, for any decoder with init_state/step.
 
 Beam search keeps K hypotheses per image in one [B*K] batch, so the decoder runs once per step for the
-whole set, and an image leaves the batch as soon as its captions are done (attention decoder, beam 3,
-1,000 images in batches of 100: 148 images/s, 6.0x one image at a time; bench/beam_speed.py). It never
+whole set, and an image leaves the batch as soon as its captions are done (its speed against one image at
+a time: bench/beam_speed.py, figures in bench/README.md). It never
 emits <unk>, <pad> or <start>, never ends on the first word, can forbid repeating a trigram, and ranks
 finished captions by log-probability divided by length**alpha (so that short captions are not favoured
 just for having fewer terms in the sum). Greedy search is beam search with K = 1.
@@ -162,7 +162,8 @@ def _going_on(is_end, beam, word, top_scores, k):
 
 
 def greedy_search(decoder, features, max_len=20, block_trigrams=True):
-    """Best single caption per image, one word at a time (used for dev scores while training)."""
+    """Best single caption per image, one word at a time (the tests' reference; training scores dev with beam
+    search, the objective's dev_beam)."""
     cfg = SearchConfig(beam_size=1, max_len=max_len, block_trigrams=block_trigrams)
     return [h[0] for h in beam_search(decoder, features, cfg)]
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from captioning.interfaces import cli as cli_module
+from captioning.interfaces import launcher
 from captioning.interfaces import menu
 from captioning.inference.captioner import Captioner
 from captioning.training.checkpoint import describe, load_checkpoint, summarize
@@ -286,7 +287,7 @@ def test_the_menu_option_without_streamlit_is_one_line_and_the_menu_goes_on(monk
     from rich.console import Console
     monkeypatch.setitem(sys.modules, "streamlit", None)
     monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
-    monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("7\n8\n"))
     assert cli_module.main(["--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Open the web dashboard" in out and out.count("Choose:") == 2
@@ -320,7 +321,7 @@ def fake_server(monkeypatch):
     FakeServer.started, FakeServer.plays = [], None
     monkeypatch.setattr(subprocess, "Popen", FakeServer)
     stops = []
-    monkeypatch.setattr(cli_module, "stop_group", lambda server, grace: stops.append(grace))
+    monkeypatch.setattr(launcher, "stop_group", lambda server, grace: stops.append(grace))
     return FakeServer, stops
 
 
@@ -379,7 +380,7 @@ def test_ctrl_c_stops_the_dashboard_and_the_menu_comes_back(fake_server, monkeyp
     from rich.console import Console
     FakeServer.plays = KeyboardInterrupt()      # the user's Ctrl-C reaches the menu while streamlit serves
     monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
-    monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("7\n8\n"))
     assert cli_module.main(["--workdir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "Dashboard stopped." in captured.err and "error" not in captured.out
@@ -397,7 +398,7 @@ def test_sigterm_or_sighup_in_the_menus_dashboard_stops_it_and_ends_the_menu(fak
     from rich.console import Console
     FakeServer.plays = sig
     monkeypatch.setattr(menu, "out", Console(highlight=False, width=1000))
-    monkeypatch.setattr("sys.stdin", io.StringIO("8\n7\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("7\n8\n"))
     start = time.time()
     with pytest.raises(SystemExit) as exit_:
         cli_module.main(["--workdir", str(tmp_path)])
@@ -424,7 +425,7 @@ def test_a_server_that_ignores_sigterm_is_killed_with_its_children(tmp_path):
     import threading
     threading.Thread(target=send_sigterm_when_ready, daemon=True).start()
     start = time.time()
-    code, stopped_by = cli_module.serve([sys.executable, "-c", stubborn], dict(os.environ), grace=1)
+    code, stopped_by = launcher.serve([sys.executable, "-c", stubborn], dict(os.environ), grace=1)
     assert (code, stopped_by) == (None, signal.SIGTERM) and time.time() - start < 20
     child = int(ready.read_text())
     wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,

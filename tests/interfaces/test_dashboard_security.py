@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from captioning.interfaces import cli as cli_module
+from captioning.interfaces import launcher
 from tests.helpers import ROOT
 from tests.helpers import Dashboard, dashboard, expected_captions, shown_photos, texts
 
@@ -244,7 +245,7 @@ def test_no_traceback_reaches_a_visitor(app, workdir, monkeypatch):
     assert len(at.exception) == 1
     shown = at.exception[0]
     assert str(ROOT) not in shown.message and not list(shown.stack_trace)
-    command, _ = cli_module.dashboard_command(cli_module.build_parser().parse_args(["dashboard"]))
+    command, _ = launcher.dashboard_command(cli_module.build_parser().parse_args(["dashboard"]))
     assert "--client.showErrorDetails=none" in command
 
 
@@ -333,7 +334,7 @@ def test_the_command_names_the_hosts_and_asks_no_one_for_an_address(tmp_path):
     in a child process (its config is global) with that lookup replaced by a note."""
     pytest.importorskip("streamlit")
     args = cli_module.build_parser().parse_args(["dashboard", "--host", "0.0.0.0", "--headless"])
-    command, _ = cli_module.dashboard_command(args)
+    command, _ = launcher.dashboard_command(args)
     options = {part[2:].split("=", 1)[0]: part.split("=", 1)[1] for part in command[5:command.index("--")]}
     child = ("import sys, json; from streamlit import config, net_util; from streamlit.web import bootstrap\n"
              "options = {k: {'true': True, 'false': False}.get(v, int(v) if v.isdigit() else v)\n"
@@ -346,13 +347,13 @@ def test_the_command_names_the_hosts_and_asks_no_one_for_an_address(tmp_path):
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "ASKED" not in r.stdout and "URL: http://localhost:8501" in r.stdout
-    assert options["server.maxUploadSize"] == str(cli_module.UPLOAD_MB)
+    assert options["server.maxUploadSize"] == str(launcher.UPLOAD_MB)
     # The host names it answers to: loopback, this computer's own name on every interface, --allow-host.
     args = cli_module.build_parser().parse_args(["dashboard", "--host", "0.0.0.0", "--allow-host", "photos.example"])
-    hosts = [part.split("=", 1)[1] for part in cli_module.dashboard_command(args)[0]
+    hosts = [part.split("=", 1)[1] for part in launcher.dashboard_command(args)[0]
              if part.startswith("--server.allowedHosts=")]
     assert hosts[:3] == ["localhost", "127.0.0.1", "::1"] and hosts[-1] == "photos.example"
     assert "0.0.0.0" not in hosts and socket.gethostname().lower() in hosts
     args = cli_module.build_parser().parse_args(["dashboard", "--host", "192.168.1.7"])
-    assert [part for part in cli_module.dashboard_command(args)[0] if part.startswith("--server.allowedHosts=")] == [
+    assert [part for part in launcher.dashboard_command(args)[0] if part.startswith("--server.allowedHosts=")] == [
         f"--server.allowedHosts={h}" for h in ("localhost", "127.0.0.1", "::1", "192.168.1.7")]

@@ -4,6 +4,7 @@ and the menu comes back; Enter at a path prompt goes back; end of input quits cl
 import io
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -42,7 +43,7 @@ def workdir_with_model(attention_model, tmp_path):
 # ---- the first screen ----------------------------------------------------------------------------------
 
 def test_first_screen_in_an_empty_workdir(tmp_path):
-    r = run_menu(tmp_path, ["7"], env={"PYTHONPROFILEIMPORTTIME": "1"})
+    r = run_menu(tmp_path, ["8"], env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert r.returncode == 0
     assert "image-captioning" in r.stdout
     for label in OPTION_LABELS:
@@ -57,7 +58,7 @@ def test_first_screen_in_an_empty_workdir(tmp_path):
 
 def test_first_screen_describes_the_trained_model(workdir_with_model):
     summary = read_summary(workdir_with_model / "models" / "best.pt")
-    r = run_menu(workdir_with_model, ["7"])
+    r = run_menu(workdir_with_model, ["8"])
     assert r.returncode == 0
     assert "none yet" not in r.stdout
     assert f"{summary['decoder']} decoder on {summary['encoder']}" in r.stdout
@@ -68,7 +69,7 @@ def test_first_screen_describes_the_trained_model(workdir_with_model):
 # ---- bad answers are asked again -----------------------------------------------------------------------
 
 def test_bad_menu_choices_are_asked_again(tmp_path):
-    r = run_menu(tmp_path, ["abc", "0", "99", "", "  ", "7"])
+    r = run_menu(tmp_path, ["abc", "0", "99", "", "  ", "8"])
     assert r.returncode == 0
     assert r.stdout.count(BAD_CHOICE) == 5
     assert screens(r.stdout) == 6
@@ -110,7 +111,7 @@ def test_caption_a_quoted_path_with_spaces(workdir_with_model, shapes_data, tmp_
     here = tmp_path / "here"
     here.mkdir()
     # Option 4, the path as a terminal's drag-and-drop gives it, beam size default, no attention maps, quit.
-    r = run_menu(workdir_with_model, ["4", f'"{photo}"', "", "n", "7"], cwd=here)
+    r = run_menu(workdir_with_model, ["4", f'"{photo}"', "", "n", "8"], cwd=here)
     assert r.returncode == 0, r.stderr
     assert "error" not in r.stdout and "Traceback" not in r.stderr
     # The image (after the last prompt: piped input is not echoed), its caption, where the PNG went.
@@ -124,7 +125,7 @@ def test_caption_a_quoted_path_with_spaces(workdir_with_model, shapes_data, tmp_
 
 
 def test_enter_at_a_path_prompt_goes_back_to_the_menu(tmp_path):
-    r = run_menu(tmp_path, ["4", "", "2", "", "7"])   # caption: Enter; extract (no dataset yet): Enter
+    r = run_menu(tmp_path, ["4", "", "2", "", "8"])   # caption: Enter; extract (no dataset yet): Enter
     assert r.returncode == 0
     assert r.stdout.count("(Enter to go back):") == 2
     assert screens(r.stdout) == 3
@@ -132,7 +133,7 @@ def test_enter_at_a_path_prompt_goes_back_to_the_menu(tmp_path):
 
 
 def test_a_path_that_does_not_exist_is_asked_again(tmp_path):
-    r = run_menu(tmp_path, ["4", str(tmp_path / "nowhere.jpg"), "", "7"])
+    r = run_menu(tmp_path, ["4", str(tmp_path / "nowhere.jpg"), "", "8"])
     assert r.returncode == 0
     assert r.stdout.count("Not found:") == 1
     assert screens(r.stdout) == 2
@@ -150,7 +151,7 @@ def test_a_failing_action_is_one_line_and_the_menu_comes_back(tmp_path):
     not_a_dataset = tmp_path / "holiday photos"
     not_a_dataset.mkdir()
     (not_a_dataset / "notes.txt").write_text("no captions here")
-    r = run_menu(tmp_path, ["1", "local", str(not_a_dataset), "7"])
+    r = run_menu(tmp_path, ["1", "local", str(not_a_dataset), "8"])
     assert r.returncode == 0
     errors = [line for line in r.stdout.splitlines() if "error:" in line]
     assert len(errors) == 1 and "No captioning dataset found" in errors[0], r.stdout
@@ -183,7 +184,7 @@ def test_download_offline_is_one_sentence_and_the_menu_continues(tmp_path, monke
     monkeypatch.setattr(kagglehub, "dataset_download", offline)
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kaggle-cache"))  # empty: no cached copy either
 
-    code, out = menu_in_process(tmp_path, ["1", "", "7"])   # download the default dataset, then quit
+    code, out = menu_in_process(tmp_path, ["1", "", "8"])   # download the default dataset, then quit
     assert code == 0
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1
@@ -200,3 +201,35 @@ def test_caption_offers_folder_outputs(monkeypatch, tmp_path):
     assert menu.folder_outputs(tmp_path / "photo.jpg") == []          # one photo: nothing to ask
     assert menu.folder_outputs(tmp_path) == ["--csv=captions.csv", "--txt", "--write-metadata", "--no-png",
                                              "--recursive"]
+
+
+def test_quit_is_the_last_option_and_the_readme_numbers_them_alike():
+    assert menu.OPTIONS[-1][1].startswith("Quit")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for key, label in menu.OPTIONS:
+        row = "Quit" if label.startswith("Quit") else "Web dashboard" if "dashboard" in label else None
+        if row:
+            assert f"| {key} {row} |" in readme
+
+
+@pytest.mark.parametrize("answer, width", [("", menu.SearchConfig.rerank_pool), ("3", 3)])
+def test_caption_asks_the_width_the_search_uses_and_passes_it_as_beam_and_pool(tmp_path, monkeypatch, answer,
+                                                                                  width):
+    from captioning.config import SearchConfig
+    cfg = SearchConfig()
+    assert cfg.rerank and menu.SEARCH_WIDTH == max(cfg.beam_size, cfg.rerank_pool)   # the default search's width
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"")
+    asked, ran = [], []
+    answers = iter([str(photo), answer, "n"])
+
+    def fake_ask(prompt, default=None):
+        asked.append((prompt, default))
+        a = next(answers)
+        return a if a else str(default)
+    monkeypatch.setattr(menu, "ask", fake_ask)
+    args = type("Args", (), {"workdir": str(tmp_path), "device": "cpu", "seed": 0})()
+    menu.do_caption(menu.MenuState(args, ran.append))
+    assert asked[1] == ("Beam width (1 = greedy; with re-ranking also the candidates it chooses among)",
+                        menu.SEARCH_WIDTH)
+    assert f"--beam-size={width}" in ran[0] and f"--rerank-pool={width}" in ran[0]

@@ -80,7 +80,7 @@ def scripted_menu(monkeypatch, capsys):
 ])
 def test_ctrl_c_at_every_kind_of_prompt_returns_to_the_menu(tiny, tmp_path, scripted_menu, answers, prompt):
     answers = [a.format(data=tiny.data) if isinstance(a, str) else a for a in answers]
-    code, out = scripted_menu(answers + ["7"], "--workdir", tmp_path)
+    code, out = scripted_menu(answers + ["8"], "--workdir", tmp_path)
     assert code == 0
     cut = out.rindex(prompt)
     assert "Cancelled; back to the menu." in out[cut:]
@@ -99,7 +99,7 @@ def test_any_encoder_answer_is_one_line_and_the_menu_goes_on(tiny, tmp_path, scr
     """Menu answers reach the CLI's parser: one that looks like an option must not end the menu with a usage."""
     dash = tmp_path / "-data"                      # a folder whose name starts with a dash, too
     shutil.copytree(tiny.data, dash)
-    code, out = scripted_menu(["2", str(dash), encoder, "7"], "--workdir", tmp_path)
+    code, out = scripted_menu(["2", str(dash), encoder, "8"], "--workdir", tmp_path)
     assert code == 0 and "usage:" not in out and "Traceback" not in out
     [line] = [l for l in out.splitlines() if "error:" in l]
     assert f"Unknown encoder '{encoder}'" in line
@@ -112,7 +112,7 @@ def test_ctrl_c_during_work_returns_to_the_menu(tiny, tmp_path, scripted_menu, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(prepare_module, "prepare", interrupted)   # e.g. during the feature extraction
-    code, out = scripted_menu(["2", str(tiny.data), "", "7"], "--workdir", tmp_path)
+    code, out = scripted_menu(["2", str(tiny.data), "", "8"], "--workdir", tmp_path)
     assert code == 0 and "Cancelled; back to the menu." in out and out.count("Choose") == 2
 
 
@@ -122,11 +122,11 @@ def test_menu_errors_are_one_line_unless_debug(tiny, tmp_path, scripted_menu, mo
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nmore detail")
     monkeypatch.setattr(prepare_module, "prepare", bug)
-    code, out = scripted_menu(["2", str(tiny.data), "", "7"], "--workdir", tmp_path)
+    code, out = scripted_menu(["2", str(tiny.data), "", "8"], "--workdir", tmp_path)
     assert code == 0 and "Traceback" not in out
     [line] = [l for l in out.splitlines() if "error:" in l]
     assert "ZeroDivisionError: division by zero" in line and "--debug" in line and "more detail" not in out
-    code, out = scripted_menu(["2", str(tiny.data), "", "7"], "--workdir", tmp_path, "--debug")
+    code, out = scripted_menu(["2", str(tiny.data), "", "8"], "--workdir", tmp_path, "--debug")
     assert code == 0 and "Traceback" in out and out.count("Choose") == 2
 
 
@@ -142,7 +142,7 @@ def test_menu_whose_output_is_closed_exits_quietly(tmp_path):
 def test_gpu_out_of_memory_in_the_menu_suggests_a_smaller_batch(tiny, tmp_path, monkeypatch, scripted_menu):
     import captioning.training.train as train_module
     monkeypatch.setattr(train_module, "train", cuda_oom)    # the menu's default encoder needs ImageNet weights
-    code, out = scripted_menu(["3", str(tiny.data), "", "", "", "", "7"], "--workdir", tmp_path)
+    code, out = scripted_menu(["3", str(tiny.data), "", "", "", "", "8"], "--workdir", tmp_path)
     assert code == 0 and "Traceback" not in out
     [line] = [l for l in out.splitlines() if "error:" in l]
     assert "out of memory" in line and "smaller batch size" in line and out.count("Choose") == 2

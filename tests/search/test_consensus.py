@@ -176,3 +176,13 @@ def test_the_whole_batch_is_scored_as_score_all_scores_each_photo():
         assert np.ptp(scores) > 0 or len(hyps) == 1
     assert m._batch_scores(cider, [[hyp([4, 10 ** 5])]], rows[:1]) is None        # beyond the keys: one by one
     assert len(m.rerank([[hyp([4, 10 ** 5]), hyp([4, 5])]], pooled[:1], 9)[0]) == 2
+
+
+def test_beam_width_is_the_search_candidates_runs():
+    from captioning.config import SearchConfig
+    from captioning.search.consensus import beam_width
+    memory = object()   # any memory: the width depends only on there being one
+    assert beam_width(SearchConfig(beam_size=3, rerank_pool=10), memory) == 10
+    assert beam_width(SearchConfig(beam_size=12, rerank_pool=10), memory) == 12
+    assert beam_width(SearchConfig(beam_size=3, rerank_pool=10, rerank=False), memory) == 3
+    assert beam_width(SearchConfig(beam_size=3, rerank_pool=10), None) == 3
