@@ -159,7 +159,7 @@ def test_unreadable_files_simulated(tiny, model_workdir, tmp_path, monkeypatch, 
     """The same as the real test above, with the operating system's refusal simulated (tests run as root)."""
     import PIL.Image
 
-    from captioning.data import datasets
+    from captioning.data import annotations
     image = sorted((tiny.data / "Images").glob("*.jpg"))[0]
 
     def refuse(path, *args, **kwargs):
@@ -171,7 +171,7 @@ def test_unreadable_files_simulated(tiny, model_workdir, tmp_path, monkeypatch, 
     assert code == 1 and "No permission to read image" in error_line(err)
 
     with monkeypatch.context() as m:
-        m.setattr(datasets, "open", refuse, raising=False)          # the annotation file
+        m.setattr(annotations, "open", refuse, raising=False)       # the annotation file
         code, _, err = run_main("train", "--data", tiny.data, "--workdir", tmp_path / "w")
     assert code == 1 and "Permission denied" in error_line(err) and "captions.json" in err
 
