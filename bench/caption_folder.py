@@ -53,8 +53,8 @@ try:
     from captioning.results.outputs import OutputConfig
     from captioning.config import SearchConfig
 except ImportError:   # a checkout from before the sub-packages
-    from captioning.inference.captioner import Captioner, caption_files
-    from captioning.results.outputs import OutputConfig
+    from captioning.captioner import Captioner, caption_files
+    from captioning.outputs import OutputConfig
     from captioning.search import SearchConfig
 root, folder, workdir, out = sys.argv[1:5]
 captioner = Captioner.load("default", device="cpu")
